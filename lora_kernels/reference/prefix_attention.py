@@ -17,6 +17,7 @@ Two things live here.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -119,10 +120,18 @@ def _sequence_bias(q, Lk, key_padding_mask, causal):
     B, _, Lq, _ = q.shape
     if key_padding_mask is None and (not causal or Lq == Lk):
         return causal, None, None  # top-left == bottom-right when Lq == Lk
+    if key_padding_mask is None:  # causal with Lq != Lk: the same small bias every call
+        return False, _causal_bias(Lq, Lk, q.dtype, q.device), None
     keep = _keep_mask_fast(B, Lq, Lk, key_padding_mask, causal, q.device)
     bias = torch.zeros(keep.shape, dtype=q.dtype, device=q.device).masked_fill_(~keep, -math.inf)
-    empty = None if key_padding_mask is None else ~keep.any(-1)
-    return False, bias, empty
+    return False, bias, ~keep.any(-1)
+
+
+@functools.lru_cache(maxsize=64)
+def _causal_bias(Lq: int, Lk: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """(1, 1, Lq, Lk) additive bottom-right causal mask (read-only, cached)."""
+    keep = _keep_mask_fast(1, Lq, Lk, None, True, device)
+    return torch.zeros(keep.shape, dtype=dtype, device=device).masked_fill_(~keep, -math.inf)
 
 
 # Queries per chunk of the causal split below. PyTorch's CPU flash kernel costs in proportion
@@ -132,11 +141,13 @@ def _sequence_bias(q, Lk, key_padding_mask, causal):
 # chunk is the global rule): for C chunks the work is (C + 1) / (2 C) of the full square.
 CHUNK_ROWS = 64
 MAX_CHUNKS = 4
+MAX_CHUNKS_BACKWARD = 4
 
 
-def _causal_chunks(Lq: int, Lk: int, causal: bool) -> list[tuple[int, int, int]]:
+def _causal_chunks(Lq: int, Lk: int, causal: bool, max_chunks: int | None = None
+                   ) -> list[tuple[int, int, int]]:
     """(first query, end query, end key) per chunk of queries."""
-    n = min(MAX_CHUNKS, Lq // CHUNK_ROWS) if causal else 1
+    n = min(MAX_CHUNKS if max_chunks is None else max_chunks, Lq // CHUNK_ROWS) if causal else 1
     if n <= 1:
         return [(0, Lq, Lk)]
     bounds = [round(i * Lq / n) for i in range(n + 1)]
@@ -175,14 +186,18 @@ def forward(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale):
     if P == 0 and len(chunks) == 1:
         out, lse = _sequence_chunk_forward(q, k, v, key_padding_mask, causal, scale, *chunks[0])
         return out, lse.to(acc)
-    out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.full((B, Hq, Lq), -math.inf, dtype=acc, device=q.device)
+    out = out_p = None
     if P > 0:
         # prefix part, normalised on its own; the expanded prefix is a stride-0 view, no copy
         pk, pv = prefix_k.expand(B, Hkv, P, D), prefix_v.expand(B, Hkv, P, D)
         out_p, lse_p = _flash_fwd(q, pk, pv, 0.0, False, scale=scale)
-        out_p = out_p.to(acc)
+        out_p = out_p.to(acc)  # merged in place when q is fp32/fp64
         lse.copy_(lse_p)
+        if out_p.dtype == q.dtype:
+            out = out_p
+    if out is None:
+        out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
     for a, b, e in chunks:
         out_s, lse_s = _sequence_chunk_forward(q, k, v, key_padding_mask, causal, scale, a, b, e)
         if P == 0:
@@ -193,9 +208,10 @@ def forward(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale):
         w_p = torch.exp(lse[:, :, a:b] - lse_c).unsqueeze(-1)
         w_s = torch.exp(lse_s - lse_c).unsqueeze(-1)
         merged = out_p[:, :, a:b].mul_(w_p).addcmul_(out_s.to(acc), w_s)
-        out[:, :, a:b] = merged
+        if out is not out_p:
+            out[:, :, a:b] = merged
         lse[:, :, a:b] = lse_c
-    if P > 0 and not chunks:
+    if out is not out_p and not chunks:
         out.copy_(out_p)
     return out, lse
 
@@ -213,7 +229,7 @@ def backward(dout, q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse, caus
     dq = dk = dv = None
     if Lk > 0:
         # the last chunk covers every key: its gradients are the accumulators
-        for a, b, e in reversed(_causal_chunks(Lq, Lk, causal)):
+        for a, b, e in reversed(_causal_chunks(Lq, Lk, causal, MAX_CHUNKS_BACKWARD)):
             kpm = None if key_padding_mask is None else key_padding_mask[:, :e]
             is_causal, bias, _ = _sequence_bias(q[:, :, a:b], e, kpm, causal)
             g = _flash_bwd(dout[:, :, a:b], q[:, :, a:b], k[:, :, :e], v[:, :, :e],
