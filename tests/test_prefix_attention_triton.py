@@ -112,6 +112,18 @@ def test_head_dims_not_powers_of_two():
         check_against_oracle(out, grads, inputs, True, D**-0.5, dout)
 
 
+@pytest.mark.parametrize("splits", [2, 3])
+def test_shared_prefix_gradient_split_over_the_batch(monkeypatch, splits):
+    """The shared prefix's gradient from partial sums over splits of the batch (the GPU path)."""
+    from lora_kernels.triton import prefix_attention as T
+
+    monkeypatch.setattr(T, "PREFIX_BATCH_SPLITS", splits)
+    inputs = make_inputs(5, 4, 2, 9, 11, 13, 16, torch.float32, pad=True)
+    dout = torch.randn(5, 4, 9, 16)
+    out, _, grads = run_triton(inputs, True, 0.25, dout)
+    check_against_oracle(out, grads, inputs, True, 0.25, dout)
+
+
 def test_deterministic_prefix_gradient():
     inputs = make_inputs(3, 4, 2, 17, 17, 13, 16, torch.float32)
     dout = torch.randn(3, 4, 17, 16)

@@ -176,12 +176,14 @@ def _bwd_kv_kernel(
     DOT_FP32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """dK, dV of one block of N keys (the sequence keys of one batch row, or the prefix keys,
-    summed over the b_per_prog batch rows that share them) of one kv head, looping over the
-    group's query heads and the query blocks that see the block."""
+    """dK, dV of one block of N keys of one kv head, summed over the batch rows
+    [bx * b_per_prog, (bx + 1) * b_per_prog), the group's query heads and the query blocks
+    that see the block. Sequence keys: b_per_prog = 1, bx = the batch row. Prefix keys: bx is
+    the row (per-row prefix) or the split of the batch (shared prefix, key batch stride 0),
+    and DKX/DVX (n_splits, Hkv, P, D) receive one partial sum per split."""
     pid_n = tl.program_id(0)
     pid_bk = tl.program_id(1)
-    bx = (pid_bk // Hkv).to(tl.int64)  # batch index of the key tensor (0 for a shared prefix)
+    bx = (pid_bk // Hkv).to(tl.int64)
     hk = (pid_bk % Hkv).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -203,7 +205,8 @@ def _bwd_kv_kernel(
         lo = tl.maximum(0, pid_n * BLOCK_N - (Lk - Lq)) // BLOCK_M * BLOCK_M
     offs_mb = tl.arange(0, BLOCK_M)
     b_lo = bx * b_per_prog
-    for b in range(b_lo, b_lo + b_per_prog):
+    b_hi = tl.minimum(b_lo + b_per_prog, B)
+    for b in range(b_lo, b_hi):
         for g in range(0, G):
             h = hk * G + g
             q_base = Q + b * sqb + h * sqh
@@ -331,6 +334,21 @@ def not_supported_reasons(q, k, v, prefix_k, prefix_v, key_padding_mask, causal,
     return reasons
 
 
+# Splits of the batch for the gradient of a shared prefix: None = automatic (one program per
+# (prefix block, kv head) in the interpreter, as FlashAttention's design; on a GPU enough
+# splits to fill the SMs). Tests force a value to check both paths.
+PREFIX_BATCH_SPLITS: int | None = None
+
+
+def _prefix_batch_splits(B: int, Hkv: int, P: int, device: torch.device) -> int:
+    if PREFIX_BATCH_SPLITS is not None:
+        return max(1, min(B, PREFIX_BATCH_SPLITS))
+    if device.type != "cuda":
+        return 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(B, sms // max(1, Hkv * triton.cdiv(P, 64))))
+
+
 def _block_d(D: int) -> int:
     return max(16, triton.next_power_of_2(D))
 
@@ -421,14 +439,26 @@ def backward(dout, q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse, caus
         )
     if P > 0:
         Bp = prefix_k.shape[0]
-        grid = lambda meta: (triton.cdiv(P, meta["BLOCK_N"]), Bp * Hkv)
+        splits = Bp if Bp > 1 else _prefix_batch_splits(B, Hkv, P, q.device)
+        per_prog = triton.cdiv(B, splits)
+        splits = triton.cdiv(B, per_prog)
+        # a shared prefix summed over several splits of the batch: one fp32 partial per split,
+        # added up in a fixed order below (deterministic, no atomics)
+        partial = Bp == 1 and splits > 1
+        dpk_x = dpk if not partial else torch.empty((splits, Hkv, P, D), dtype=torch.float32,
+                                                     device=q.device)
+        dpv_x = dpv if not partial else torch.empty_like(dpk_x)
+        grid = lambda meta: (triton.cdiv(P, meta["BLOCK_N"]), splits * Hkv)
         _bwd_kv_kernel[grid](
-            q, pk, pv, dout, lse, delta, kpm, dpk, dpv,
-            B, Hq, Hkv, G, Lq, Lk, P, D, float(scale), B if Bp == 1 else 1,
-            *q.stride(), *pk.stride(), *pv.stride(), *dout.stride(), 0, 0,
-            *dpk.stride(), *dpv.stride(),
+            q, pk, pv, dout, lse, delta, kpm, dpk_x, dpv_x,
+            B, Hq, Hkv, G, Lq, Lk, P, D, float(scale), per_prog,
+            *q.stride(), *spk, *spv, *dout.stride(), 0, 0,
+            *dpk_x.stride(), *dpv_x.stride(),
             IS_PREFIX=True, CAUSAL=False, HAS_PAD=False, **common,
         )
+        if partial:
+            dpk.copy_(dpk_x.sum(0, keepdim=True))
+            dpv.copy_(dpv_x.sum(0, keepdim=True))
     grid = lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]), B * Hq)
     _bwd_dq_kernel[grid](
         q, k, v, pk, pv, kpm, dout, lse, delta, dq,
