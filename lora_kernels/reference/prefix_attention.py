@@ -182,38 +182,26 @@ def forward(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale):
     Hkv, Lk = k.shape[1], k.shape[2]
     P = 0 if prefix_k is None else prefix_k.shape[2]
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    chunks = _causal_chunks(Lq, Lk, causal) if Lk > 0 else []
-    if P == 0 and len(chunks) == 1:
-        out, lse = _sequence_chunk_forward(q, k, v, key_padding_mask, causal, scale, *chunks[0])
-        return out, lse.to(acc)
-    lse = torch.full((B, Hq, Lq), -math.inf, dtype=acc, device=q.device)
-    out = out_p = None
-    if P > 0:
-        # prefix part, normalised on its own; the expanded prefix is a stride-0 view, no copy
-        pk, pv = prefix_k.expand(B, Hkv, P, D), prefix_v.expand(B, Hkv, P, D)
-        out_p, lse_p = _flash_fwd(q, pk, pv, 0.0, False, scale=scale)
-        out_p = out_p.to(acc)  # merged in place when q is fp32/fp64
-        lse.copy_(lse_p)
-        if out_p.dtype == q.dtype:
-            out = out_p
-    if out is None:
-        out = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
-    for a, b, e in chunks:
-        out_s, lse_s = _sequence_chunk_forward(q, k, v, key_padding_mask, causal, scale, a, b, e)
-        if P == 0:
-            out[:, :, a:b] = out_s
-            lse[:, :, a:b] = lse_s
-            continue
-        lse_c = torch.logaddexp(lse[:, :, a:b], lse_s.to(acc))
-        w_p = torch.exp(lse[:, :, a:b] - lse_c).unsqueeze(-1)
-        w_s = torch.exp(lse_s - lse_c).unsqueeze(-1)
-        merged = out_p[:, :, a:b].mul_(w_p).addcmul_(out_s.to(acc), w_s)
-        if out is not out_p:
-            out[:, :, a:b] = merged
-        lse[:, :, a:b] = lse_c
-    if out is not out_p and not chunks:
-        out.copy_(out_p)
-    return out, lse
+    if Lk > 0:
+        parts = [_sequence_chunk_forward(q, k, v, key_padding_mask, causal, scale, *c)
+                 for c in _causal_chunks(Lq, Lk, causal)]
+        out_s = parts[0][0] if len(parts) == 1 else torch.cat([o for o, _ in parts], 2)
+        lse_s = parts[0][1] if len(parts) == 1 else torch.cat([lse for _, lse in parts], 2)
+        lse_s = lse_s.to(acc)
+    else:
+        out_s = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
+        lse_s = torch.full((B, Hq, Lq), -math.inf, dtype=acc, device=q.device)
+    if P == 0:
+        return out_s, lse_s
+    # prefix part, normalised on its own; the expanded prefix is a stride-0 view, no copy
+    pk, pv = prefix_k.expand(B, Hkv, P, D), prefix_v.expand(B, Hkv, P, D)
+    out_p, lse_p = _flash_fwd(q, pk, pv, 0.0, False, scale=scale)
+    lse_p = lse_p.to(acc)
+    lse = torch.logaddexp(lse_p, lse_s)  # finite: every query sees the prefix
+    w_p = torch.exp(lse_p - lse).unsqueeze(-1)
+    w_s = torch.exp(lse_s - lse).unsqueeze(-1)
+    out = out_p.to(acc).mul_(w_p).addcmul_(out_s.to(acc), w_s)
+    return out.to(q.dtype), lse
 
 
 def backward(dout, q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse, causal, scale):
