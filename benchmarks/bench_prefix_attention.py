@@ -167,9 +167,13 @@ def main(argv=None):
                     metavar=("B", "HQ", "HKV", "L", "P", "D"))
     ap.add_argument("--rounds", type=int, default=None, help="alternating rounds (CPU: 3)")
     ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch CPU threads (default: PyTorch's choice)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     args.dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
     args.rounds = args.rounds or (1 if device.type == "cuda" else 3)
     rows = run(args)
