@@ -28,8 +28,14 @@ _MODULES = {
 }
 
 
+_loaded: dict = {}
+
+
 def _backend_module(name: str):
-    return importlib.import_module(_MODULES[name])
+    module = _loaded.get(name)
+    if module is None:
+        module = _loaded[name] = importlib.import_module(_MODULES[name])
+    return module
 
 
 def _support(name: str):
@@ -168,6 +174,23 @@ def _check_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training, f
     return in_features, out_features
 
 
+@torch.compiler.assume_constant_result
+def _choose_for_compile(backend, device, dtype, adapter_dtype, in_f, out_f, r, has_bias, p,
+                        training) -> str:
+    """backends.choose on meta stand-ins of the inputs; run once at trace time, its result is a
+    constant of the graph."""
+    meta = {"device": "meta"}
+    return backends.choose(
+        OP, backend, device,
+        x=torch.empty(1, in_f, dtype=dtype, **meta),
+        weight=torch.empty(out_f, in_f, dtype=dtype, **meta),
+        bias=torch.empty(out_f, dtype=dtype, **meta) if has_bias else None,
+        lora_A=torch.empty(r, in_f, dtype=adapter_dtype, **meta),
+        lora_B=torch.empty(out_f, r, dtype=adapter_dtype, **meta),
+        dropout_p=p, training=training,
+    )
+
+
 def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, *, training=True,
                 fan_in_fan_out=False, seed=None, backend="auto"):
     """Fused LoRA linear layer: ``y = x W^T + b + scaling * dropout(x) A^T B^T``.
@@ -203,8 +226,13 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, *, trai
     x2 = x.reshape(math.prod(lead), in_features)
     w = weight.t() if fan_in_fan_out else weight
     p = float(dropout_p) if training else 0.0
-    name = backends.choose(OP, backend, x.device, x=x2, weight=w, bias=bias, lora_A=lora_A,
-                           lora_B=lora_B, dropout_p=p, training=training)
+    if torch.compiler.is_compiling():
+        # Traced: choose once from static metadata (dynamo cannot trace the lazy imports).
+        name = _choose_for_compile(backend, x.device, x.dtype, lora_A.dtype, in_features,
+                                   out_features, lora_A.shape[0], bias is not None, p, training)
+    else:
+        name = backends.choose(OP, backend, x.device, x=x2, weight=w, bias=bias, lora_A=lora_A,
+                               lora_B=lora_B, dropout_p=p, training=training)
     if p == 0.0:
         seed = 0
     elif seed is None:
