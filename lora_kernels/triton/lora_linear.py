@@ -53,7 +53,7 @@ def _configs(kernel: str) -> list[triton.Config]:
         return [
             triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=st)
             for bm, bk, w, st in [(64, 64, 4, 3), (128, 64, 4, 3), (64, 128, 4, 3), (32, 128, 4, 4),
-                                  (128, 32, 8, 3)]
+                                  (128, 32, 8, 3), (32, 32, 4, 2)]
         ]
     if kernel in ("fwd", "dx"):
         return [
@@ -69,26 +69,27 @@ def _configs(kernel: str) -> list[triton.Config]:
         return [
             triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
             for bm, bn, w, st in [(64, 64, 4, 3), (128, 64, 8, 3), (32, 128, 4, 3), (64, 128, 4, 3),
-                                  (32, 64, 4, 4)]
+                                  (32, 64, 4, 4), (32, 32, 4, 2), (16, 32, 4, 2)]
         ]
     if kernel == "da":
         return [
             triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
             for bm, bn, w, st in [(64, 64, 4, 3), (128, 64, 4, 3), (64, 128, 8, 3), (32, 64, 4, 4),
-                                  (128, 32, 4, 3)]
+                                  (128, 32, 4, 3), (32, 32, 4, 2)]
         ]
     raise KeyError(kernel)
 
 
 @triton.jit
 def _mma(a, b, acc, CT: tl.constexpr):
-    """acc + a @ b with both operands cast to the compute type CT (fp32 dots in ieee)."""
-    a = a.to(CT)
-    b = b.to(CT)
-    if CT == tl.float32:
-        return tl.dot(a, b, acc, input_precision="ieee")
+    """acc + a @ b with both operands cast to the compute type CT (0: float32, dotted in ieee
+    precision; 1: float16; 2: bfloat16)."""
+    if CT == 0:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
+    elif CT == 1:
+        return tl.dot(a.to(tl.float16), b.to(tl.float16), acc)
     else:
-        return tl.dot(a, b, acc)
+        return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), acc)
 
 
 @triton.jit
@@ -98,10 +99,11 @@ def _to_out(acc, OUT_TY: tl.constexpr):
     if OUT_TY == tl.float32:
         return acc
     else:
-        if _INTERP and OUT_TY == tl.bfloat16:
-            bits = acc.to(tl.uint32, bitcast=True)
-            bits = bits + 0x7FFF + ((bits >> 16) & 1)
-            acc = bits.to(tl.float32, bitcast=True)
+        if _INTERP:
+            if OUT_TY == tl.bfloat16:
+                bits = acc.to(tl.uint32, bitcast=True)
+                bits = bits + 0x7FFF + ((bits >> 16) & 1)
+                acc = bits.to(tl.float32, bitcast=True)
         return acc.to(OUT_TY)
 
 
@@ -304,11 +306,11 @@ def _da(
 # ----------------------------------------------------------------------------- launchers
 
 
-def _ct(dtype: torch.dtype):
-    """Triton compute type of a dot whose operands are in ``dtype``."""
+def _ct(dtype: torch.dtype) -> int:
+    """Compute-type code (see ``_mma``) of a dot whose operands are in ``dtype``."""
     if INTERPRETER and dtype == torch.bfloat16:
-        return tl.float32  # the interpreter's bf16 dot is wrong (see _common.py)
-    return _TORCH_TO_TL[dtype]
+        return 0  # the interpreter's bf16 dot is wrong (see _common.py): dot in float32
+    return {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}[dtype]
 
 
 def _block_r(r: int) -> int:
