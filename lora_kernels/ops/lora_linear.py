@@ -177,16 +177,17 @@ def _check_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training, f
 @torch.compiler.assume_constant_result
 def _choose_for_compile(backend, device, dtype, adapter_dtype, in_f, out_f, r, has_bias, p,
                         training) -> str:
-    """backends.choose on meta stand-ins of the inputs; run once at trace time, its result is a
-    constant of the graph."""
-    meta = {"device": "meta"}
+    """backends.choose on stand-ins of the inputs (right device, dtype and shape; one element
+    expanded, so no memory); run once at trace time, its result is a constant of the graph."""
+
+    def like(*shape, dt):
+        return torch.empty((1,) * len(shape), dtype=dt, device=device).expand(*shape)
+
     return backends.choose(
         OP, backend, device,
-        x=torch.empty(1, in_f, dtype=dtype, **meta),
-        weight=torch.empty(out_f, in_f, dtype=dtype, **meta),
-        bias=torch.empty(out_f, dtype=dtype, **meta) if has_bias else None,
-        lora_A=torch.empty(r, in_f, dtype=adapter_dtype, **meta),
-        lora_B=torch.empty(out_f, r, dtype=adapter_dtype, **meta),
+        x=like(1, in_f, dt=dtype), weight=like(out_f, in_f, dt=dtype),
+        bias=like(out_f, dt=dtype) if has_bias else None,
+        lora_A=like(r, in_f, dt=adapter_dtype), lora_B=like(out_f, r, dt=adapter_dtype),
         dropout_p=p, training=training,
     )
 
