@@ -26,7 +26,7 @@ export LORA_KERNELS_FORCE_CUDA_BUILD=1
 export LORA_KERNELS_PTXAS_VERBOSE=1       # registers/spills per kernel, in the install log
 
 # Benchmark command lines (the benchmark scripts belong to their ops; adjust flags here).
-BENCH_LORA=("$PY" benchmarks/bench_lora.py --device cuda --out "$OUT/bench_lora.json")
+BENCH_LORA=("$PY" benchmarks/bench_lora.py --device cuda --json "$OUT/bench_lora.json")
 BENCH_ATTN=("$PY" benchmarks/bench_prefix_attention.py --device cuda --out "$OUT/bench_prefix_attention.json")
 
 STEPS=()
@@ -100,7 +100,9 @@ for bench in ("bench_lora", "bench_prefix_attention"):
     rows = data.get("results", data.get("rows", data)) if isinstance(data, dict) else data
     print(f"\n{bench}:")
     if isinstance(rows, list) and rows and isinstance(rows[0], dict):
-        keys = list(rows[0].keys())[:9]
+        timed = [r for r in rows if "median_ms" in r] or rows
+        keys = [k for k in timed[0] if not isinstance(timed[0][k], (dict, list))][:10]
+        rows = timed
         print("| " + " | ".join(keys) + " |\n|" + " --- |" * len(keys))
         for r in rows[:40]:
             cells = [f"{r.get(k):.4g}" if isinstance(r.get(k), float) else str(r.get(k)) for k in keys]

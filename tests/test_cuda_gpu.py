@@ -72,8 +72,10 @@ def check_lora_backend(lib, T, n_in, n_out, r, dtype, adapter_dtype, p, bias, la
     ybase = lora_torch(*leaves, scaling, mask, p)
     assert_close_to_reference(y, y64.detach(), ybase.detach(), "y")
     x64 = leaves64[0].detach()
-    s64 = ((x64 if mask is None else x64 * mask / (1 - p)) @ leaves64[3].detach().t())
-    assert_close_to_reference(s, s64, (s64.to(dtype).float()), "s", floor_eps=64)
+    s64 = (x64 if mask is None else x64 * mask / (1 - p)) @ leaves64[3].detach().t()
+    xd = x if mask is None else x * mask.to(dtype) / (1 - p)
+    s_base = (xd.to(adapter_dtype) @ a.t()).float()  # the torch path in the adapter dtype
+    assert_close_to_reference(s, s64, s_base, "s", floor_eps=32)
 
     dy = torch.randn(T, n_out, device=DEV).to(dtype)
     needs = (True, True, bias, True, True)
@@ -316,3 +318,49 @@ def test_attention_public_op_with_cuda_backend(dtype, shared_prefix, monkeypatch
     outb.backward(dout)
     for name, t, r, bs in zip(("q", "k", "v", "prefix_k", "prefix_v"), leaves, leaves64, base):
         assert_close_to_reference(t.grad, r.grad, bs.grad, f"d{name}")
+
+
+# ================================ registration on the GPU ======================================
+
+
+def test_opcheck_every_op(lib):
+    """Schema (mutation annotations), fake implementations and dispatch of every op agree with
+    what the CUDA kernels do."""
+    x = torch.randn(37, 50, device=DEV, dtype=torch.bfloat16)
+    a = torch.randn(6, 50, device=DEV)
+    b = torch.randn(29, 6, device=DEV)
+    y = torch.randn(37, 29, device=DEV, dtype=torch.bfloat16)
+    s = lib.lora_shrink(x, a, 0.2, 7)
+    torch.library.opcheck(lib.lora_shrink.default, (x, a, 0.2, 7))
+    torch.library.opcheck(lib.lora_expand_.default, (y.clone(), s, b, 1.5))
+    torch.library.opcheck(lib.lora_grad_s_b.default, (y, s, b, 1.5, True))
+    torch.library.opcheck(lib.lora_dropout_expand_.default, (x.clone(), s, a, 0.2, 7))
+    torch.library.opcheck(lib.lora_grad_a.default, (s, x, 0.2, 7))
+    q, k, v, pk, pv, kpm = attention_inputs(2, 4, 2, 33, 40, 7, 64, 1, torch.float16, True)
+    out, lse = lib.prefix_attention_fwd(q, k, v, pk, pv, kpm, True, 0.125)
+    torch.library.opcheck(lib.prefix_attention_fwd.default, (q, k, v, pk, pv, kpm, True, 0.125))
+    torch.library.opcheck(lib.prefix_attention_bwd.default,
+                          (torch.randn_like(out), q, k, v, pk, pv, kpm, out, lse, True, 0.125))
+
+
+def test_compile_fullgraph_with_cuda_backend(lib):
+    import lora_kernels.ops as ops
+
+    x, w, bias, a, bb = lora_inputs(64, 96, 80, 8, torch.bfloat16, torch.float32, True)
+
+    def lora(x, w, bias, a, bb):
+        return ops.lora_linear(x, w, bias, a, bb, 2.0, 0.1, seed=3, backend="cuda")
+
+    eager = lora(x, w, bias, a, bb)
+    compiled = torch.compile(lora, fullgraph=True)(x, w, bias, a, bb)
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
+
+    q, k, v, pk, pv, kpm = attention_inputs(2, 4, 2, 50, 50, 5, 128, 1, torch.bfloat16, True)
+
+    def attn(q, k, v, pk, pv):
+        return ops.prefix_attention(q, k, v, pk[0], pv[0], causal=True, key_padding_mask=kpm,
+                                    backend="cuda")
+
+    eager = attn(q, k, v, pk, pv)
+    compiled = torch.compile(attn, fullgraph=True)(q, k, v, pk, pv)
+    torch.testing.assert_close(compiled, eager, rtol=0, atol=0)
