@@ -373,3 +373,18 @@ def test_setup_extension_description(setup_module, monkeypatch):
         "csrc/prefix_attention/prefix_attention_bwd.cu",
     }
     assert "build_ext" in kwargs["cmdclass"]
+
+
+def test_backend_reasons_name_old_gpus(monkeypatch):
+    from lora_kernels.cuda import lora_linear as cl
+    from lora_kernels.cuda import prefix_attention as ca
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
+    for module in (cl, ca):
+        assert module._capability_reasons(torch.device("cuda", 0)) == [
+            "the CUDA kernels need compute capability 8.0 or newer, got 7.5"
+        ]
+        assert module._capability_reasons(torch.device("cpu")) == []
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    assert cl._capability_reasons(torch.device("cuda", 0)) == []

@@ -23,6 +23,16 @@ import torch
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
+def _capability_reasons(device: torch.device) -> list[str]:
+    """The kernels use bf16 tensor cores (WMMA): compute capability 8.0 or newer."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return []
+    major, minor = torch.cuda.get_device_capability(device)
+    if major < 8:
+        return [f"the CUDA kernels need compute capability 8.0 or newer, got {major}.{minor}"]
+    return []
+
+
 def _name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
@@ -43,6 +53,7 @@ def not_supported_reasons(x, weight, bias, lora_A, lora_B, dropout_p, training) 
     for name, t in tensors.items():
         if t.device.type != "cuda":
             reasons.append(f"{name} is on {t.device.type}; the CUDA kernels need CUDA tensors")
+    reasons += _capability_reasons(next(iter(tensors.values())).device)
     if len({t.device for t in tensors.values()}) > 1:
         reasons.append("the tensors are on different devices")
     if x.dtype not in SUPPORTED_DTYPES:

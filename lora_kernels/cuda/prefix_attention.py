@@ -21,6 +21,16 @@ SUPPORTED_HEAD_DIMS = (64, 128)
 MAX_GRID_YZ = 65535
 
 
+def _capability_reasons(device: torch.device) -> list[str]:
+    """The kernels use bf16 tensor cores (WMMA): compute capability 8.0 or newer."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return []
+    major, minor = torch.cuda.get_device_capability(device)
+    if major < 8:
+        return [f"the CUDA kernels need compute capability 8.0 or newer, got {major}.{minor}"]
+    return []
+
+
 def _name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
@@ -40,6 +50,7 @@ def not_supported_reasons(q, k, v, prefix_k, prefix_v, key_padding_mask, causal,
     for name, t in tensors.items():
         if t.device.type != "cuda":
             reasons.append(f"{name} is on {t.device.type}; the CUDA kernels need CUDA tensors")
+    reasons += _capability_reasons(next(iter(tensors.values())).device)
     if q.dtype not in SUPPORTED_DTYPES:
         reasons.append(f"dtype {_name(q.dtype)} is not supported (float16, bfloat16)")
     for name, t in tensors.items():
