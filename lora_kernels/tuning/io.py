@@ -35,7 +35,12 @@ CONFIG_NAME = "adapter_config.json"
 EXTRA_CONFIG_NAME = "lora_kernels_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 BIN_NAME = "adapter_model.bin"
-PREFIX = "base_model.model."
+PREFIX = "base_model.model."  # LoRA: PeftModel.base_model (LoraModel).model (the HF model)
+PROMPT_PREFIX = "base_model."  # prompt learning: PeftModel.base_model is the HF model itself
+
+
+def _module_prefix(config) -> str:
+    return PROMPT_PREFIX if isinstance(config, (PromptTuningConfig, PrefixTuningConfig)) else PREFIX
 
 
 # -- state dict <-> PEFT keys --------------------------------------------------------------
@@ -62,9 +67,10 @@ def adapter_state_dict(tuned) -> dict[str, torch.Tensor]:
                 bias = module._parameters.get("bias")
                 if isinstance(bias, torch.Tensor):
                     out[f"{PREFIX}{name}.bias"] = bias.detach()
+    prefix = _module_prefix(config)
     for name in tuned._saved_modules:
         for key, value in model.get_submodule(name).state_dict().items():
-            out[f"{PREFIX}{name}.{key}"] = value.detach()
+            out[f"{prefix}{name}.{key}"] = value.detach()
     return out
 
 
@@ -176,6 +182,11 @@ def load_adapter(model: nn.Module, directory, *, is_trainable: bool = False, all
     config, tensors = read_adapter(directory, allow_bin=allow_bin)
     config = copy.copy(config)
     config.inference_mode = not is_trainable
+    if getattr(config, "modules_to_save", None):
+        # PEFT writes every classifier name it knows (["classifier", "score"]); keep those present
+        names = [n for n, _ in model.named_modules() if n]
+        config.modules_to_save = [t for t in config.modules_to_save
+                                  if any(n == t or n.endswith("." + t) for n in names)] or None
     if isinstance(config, FullFineTuningConfig):
         return _load_full(model, config, tensors, is_trainable, fused_attention)
     if isinstance(config, PrefixTuningConfig):
@@ -236,7 +247,7 @@ def _fill(tuned, config, tensors) -> None:
         _check_shapes(config.peft_type, expected, tensors)
         with torch.no_grad():
             encoder.embedding.weight.copy_(tensors["prompt_embeddings"])
-    params = {PREFIX + k: v for k, v in model.state_dict(keep_vars=True).items()}
+    params = {_module_prefix(config) + k: v for k, v in model.state_dict(keep_vars=True).items()}
     layers = {n for n, m in model.named_modules() if isinstance(m, LoRALinear)}
     with torch.no_grad():
         for key, value in tensors.items():
@@ -253,10 +264,10 @@ def _fill(tuned, config, tensors) -> None:
 
 
 def _saved_module_state(tuned) -> dict[str, torch.Tensor]:
-    out = {}
+    out, prefix = {}, _module_prefix(tuned.config_tuning)
     for name in tuned._saved_modules:
         for key, value in tuned.base_model.get_submodule(name).state_dict().items():
-            out[f"{PREFIX}{name}.{key}"] = value
+            out[f"{prefix}{name}.{key}"] = value
     return out
 
 
