@@ -3,6 +3,7 @@ vocab 100, dropout 0), and a snapshot that says whether a model changed at all."
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 VOCAB = 100
@@ -10,25 +11,25 @@ KINDS = ["gpt2", "llama", "bert"]
 DECODERS = ["gpt2", "llama"]
 
 
-def make_model(kind: str, attn: str = "sdpa", seed: int = 0):
+def make_model(kind: str, attn: str = "sdpa", seed: int = 0, init_range: float = 0.02):
     import transformers as tf
 
     torch.manual_seed(seed)
     if kind == "gpt2":
         cfg = tf.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=VOCAB, n_positions=64,
-                            resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                            resid_pdrop=0.0, initializer_range=init_range, embd_pdrop=0.0, attn_pdrop=0.0,
                             bos_token_id=1, eos_token_id=2, pad_token_id=0)
         model = tf.GPT2LMHeadModel(cfg)
     elif kind == "llama":
         cfg = tf.LlamaConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=4,
                              num_key_value_heads=2, intermediate_size=64, vocab_size=VOCAB,
-                             max_position_embeddings=64, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+                             max_position_embeddings=64, initializer_range=init_range, bos_token_id=1, eos_token_id=2, pad_token_id=0)
         model = tf.LlamaForCausalLM(cfg)
     elif kind == "bert":
         cfg = tf.BertConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=4,
                             intermediate_size=64, vocab_size=VOCAB, max_position_embeddings=64,
                             hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
-                            num_labels=3, pad_token_id=0)
+                            num_labels=3, pad_token_id=0, initializer_range=init_range)
         model = tf.BertForSequenceClassification(cfg)
     else:
         raise ValueError(kind)
@@ -36,6 +37,15 @@ def make_model(kind: str, attn: str = "sdpa", seed: int = 0):
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.pad_token_id = 0
     return model.eval()
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny models run fastest on one thread (and the CI machine's cores are shared)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def task_type(kind: str) -> str:
