@@ -5,8 +5,14 @@ import copy
 
 import pytest
 import torch
-from tuning_models import one_thread  # noqa: F401  (autouse fixture)
-from tuning_models import DECODERS, KINDS, batch, make_model, task_type
+from tuning_models import (
+    DECODERS,
+    KINDS,
+    batch,
+    make_model,
+    one_thread,  # noqa: F401  (autouse fixture)
+    task_type,
+)
 
 import lora_kernels as lk
 from lora_kernels.integrations.transformers import PREFIX_ATTR

@@ -6,8 +6,13 @@ import json
 
 import pytest
 import torch
-from tuning_models import one_thread  # noqa: F401  (autouse fixture)
-from tuning_models import KINDS, batch, make_model, task_type
+from tuning_models import (
+    KINDS,
+    batch,
+    make_model,
+    one_thread,  # noqa: F401  (autouse fixture)
+    task_type,
+)
 
 import lora_kernels as lk
 

@@ -193,7 +193,11 @@ def load_adapter(model: nn.Module, directory, *, is_trainable: bool = False, all
         config.prefix_projection = False  # the file holds the encoder's output
     if isinstance(config, LoraConfig):
         _precheck_lora(model, config, tensors)
-    tuned = tune(model, config, fused_attention=fused_attention)
+    try:
+        tuned = tune(model, config, fused_attention=fused_attention)
+    except ValueError as err:
+        raise ValueError(f"load_adapter: the {config.peft_type} adapter in {directory} does not fit "
+                         f"{type(model).__name__}: {err}") from None
     try:
         _fill(tuned, config, tensors)
     except BaseException:
