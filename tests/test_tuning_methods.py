@@ -195,6 +195,10 @@ def test_merge_and_unload_equals_unmerged_and_restores_keys(kind):
     inputs = batch(kind)
     inputs.pop("labels")
     expected = tuned(**inputs).logits
+    tuned.merge_adapter()
+    torch.testing.assert_close(tuned(**inputs).logits, expected, rtol=1e-5, atol=1e-5)
+    tuned.unmerge_adapter()
+    torch.testing.assert_close(tuned(**inputs).logits, expected, rtol=1e-5, atol=1e-5)
     merged = tuned.merge_and_unload()
     assert merged is model
     assert list(merged.state_dict()) == keys

@@ -161,7 +161,29 @@ class TunedModel(nn.Module):
 
         save_adapter(self, save_directory, safe_serialization=safe_serialization)
 
-    save_pretrained = save_adapter
+    def save_pretrained(self, save_directory, safe_serialization: bool = True, **_ignored) -> None:
+        """``save_adapter`` under the name transformers' Trainer calls (extra arguments such as
+        ``state_dict`` are ignored: the adapter is read from the model)."""
+        self.save_adapter(save_directory, safe_serialization=safe_serialization)
+
+    # -- LoRA merge / unmerge -----------------------------------------------------------------
+    def _lora_layers(self) -> dict[str, LoRALinear]:
+        layers = lora_layers(self.base_model)
+        if not layers:
+            raise ValueError(f"{self.config_tuning.peft_type}: there is no LoRA layer to merge or unmerge")
+        return layers
+
+    def merge_adapter(self) -> None:
+        """Add every LoRA update into its frozen weight (forward then runs the plain layers)."""
+        for layer in self._lora_layers().values():
+            if not layer.merged:
+                layer.merge()
+
+    def unmerge_adapter(self) -> None:
+        """Take the LoRA updates out of the weights again."""
+        for layer in self._lora_layers().values():
+            if layer.merged:
+                layer.unmerge()
 
     # -- undoing ----------------------------------------------------------------------------
     def _run_undo(self) -> None:
@@ -343,7 +365,7 @@ def _tune_prefix(tuned: TunedModel, config: PrefixTuningConfig) -> None:
     keep = _modules_to_save(model, config)
     config.num_layers, config.num_attention_heads, config.token_dim = layers_n, kv_heads, kv_heads * head_dim
     config.num_transformer_submodules = config.num_transformer_submodules or 1
-    if config.prefix_projection and config.encoder_hidden_size is None:
+    if config.encoder_hidden_size is None:  # as PEFT
         config.encoder_hidden_size = config.token_dim
     param = next(model.parameters())
     encoder = PrefixEncoder(config.num_virtual_tokens, layers_n, kv_heads, head_dim,
