@@ -8,8 +8,11 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from tuning_models import one_thread  # noqa: F401  (autouse fixture)
-from tuning_models import batch, make_model
+from tuning_models import (
+    batch,
+    make_model,
+    one_thread,  # noqa: F401  (autouse fixture)
+)
 
 import lora_kernels as lk
 

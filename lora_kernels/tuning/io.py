@@ -74,6 +74,12 @@ def adapter_state_dict(tuned) -> dict[str, torch.Tensor]:
     return out
 
 
+def _full(tensor: torch.Tensor) -> torch.Tensor:
+    """A sharded DTensor (FSDP2) gathered whole; a plain tensor as it is."""
+    full_tensor = getattr(tensor, "full_tensor", None)
+    return full_tensor() if callable(full_tensor) else tensor
+
+
 def _dedup(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Drop keys sharing storage with an earlier key (tied weights), as safetensors requires."""
     seen, out = set(), {}
@@ -87,30 +93,33 @@ def _dedup(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def save_adapter(tuned, save_directory, *, safe_serialization: bool = True) -> None:
-    """Write the adapter of ``tuned`` to ``save_directory`` in PEFT's format."""
+    """Write the adapter of ``tuned`` to ``save_directory`` in PEFT's format. Under
+    torch.distributed call it on every rank (sharded tensors are gathered); rank 0 writes."""
     from safetensors.torch import save_file
 
+    tensors = {k: _full(v).contiguous().cpu() for k, v in adapter_state_dict(tuned).items()}
+    if torch.distributed.is_available() and torch.distributed.is_initialized() \
+            and torch.distributed.get_rank() != 0:
+        return
     os.makedirs(save_directory, exist_ok=True)
-    config = tuned.config_tuning
+    config, model = tuned.config_tuning, tuned.base_model
     data = config.to_dict(peft_only=True)
     data["inference_mode"] = True
     if isinstance(config, LoraConfig):
-        data["fan_in_fan_out"] = any(m.fan_in_fan_out for m in tuned.base_model.modules()
-                                     if isinstance(m, LoRALinear))
+        layers = {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+        data["fan_in_fan_out"] = any(m.fan_in_fan_out for m in layers.values())
         if data["target_modules"] is None:
-            data["target_modules"] = sorted({n.split(".")[-1] for n, m in tuned.base_model.named_modules()
-                                             if isinstance(m, LoRALinear)})
-        data["modules_to_save"] = (sorted(set(data["modules_to_save"] or []) | {n.split(".")[-1] for n in tuned._saved_modules})
-                                   or None)
+            data["target_modules"] = sorted({n.split(".")[-1] for n in layers})
+        saved = set(data["modules_to_save"] or []) | {n.split(".")[-1] for n in tuned._saved_modules}
+        data["modules_to_save"] = sorted(saved) or None
     if data.get("base_model_name_or_path") is None:
-        data["base_model_name_or_path"] = getattr(getattr(tuned.base_model, "config", None), "_name_or_path", None) or None
+        data["base_model_name_or_path"] = getattr(getattr(model, "config", None), "_name_or_path", None) or None
     with open(os.path.join(save_directory, CONFIG_NAME), "w") as f:
         json.dump(data, f, indent=2, sort_keys=True)
     extra = {k: v for k, v in config.to_dict().items() if k not in data and k != "tokenizer"}
     if extra:
         with open(os.path.join(save_directory, EXTRA_CONFIG_NAME), "w") as f:
             json.dump(extra, f, indent=2, sort_keys=True)
-    tensors = {k: v.contiguous().cpu() for k, v in adapter_state_dict(tuned).items()}
     if safe_serialization:
         save_file(tensors, os.path.join(save_directory, WEIGHTS_NAME), metadata={"format": "pt"})
     else:
