@@ -43,7 +43,7 @@ from lora_kernels.reference.prefix_attention import flops  # noqa: E402
 # (B, Hq, Hkv, L, P, D): GPT-2-small-like and a grouped-query shape on the CPU; a
 # LLaMA-8B-like prefix-tuning shape on a GPU.
 CPU_SHAPES = [(8, 8, 8, 256, 32, 64), (4, 8, 2, 512, 32, 64)]
-GPU_SHAPES = [(8, 32, 8, 1024, 32, 128), (4, 32, 8, 2048, 32, 128), (16, 16, 16, 512, 16, 64)]
+GPU_SHAPES = [(8, 32, 8, 1024, 32, 128), (4, 32, 8, 2048, 32, 128)]
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 

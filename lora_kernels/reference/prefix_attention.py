@@ -174,10 +174,20 @@ def _sequence_chunk_forward(q, k, v, key_padding_mask, causal, scale, a, b, e):
     return out, lse
 
 
+def _cpu_flash(q: torch.Tensor) -> bool:
+    """The split flash path needs PyTorch's CPU flash kernel; elsewhere (CUDA tensors, where
+    the triton and cuda backends are the fast ones) the torch backend runs the oracle."""
+    return q.device.type == "cpu"
+
+
 def forward(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale):
     """q (B, Hq, Lq, D); k, v (B, Hkv, Lk, D); prefix_k/v (Bp, Hkv, P, D) or None;
     key_padding_mask (B, Lk) bool or None -> (out (B, Hq, Lq, D) q.dtype, lse (B, Hq, Lq) fp32,
     fp64 for fp64 inputs; -inf and a zero output for a row that sees no key)."""
+    if not _cpu_flash(q):
+        with torch.no_grad():
+            return oracle(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale,
+                          return_lse=True)
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     P = 0 if prefix_k is None else prefix_k.shape[2]
@@ -207,6 +217,9 @@ def forward(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale):
 def backward(dout, q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse, causal, scale):
     """Gradients (dq, dk, dv, dprefix_k, dprefix_v) of :func:`forward` with respect to its
     tensors, in their shapes and dtypes (dprefix (Bp, Hkv, P, D), or None when P == 0)."""
+    if not _cpu_flash(q):
+        return _oracle_backward(dout, q, k, v, prefix_k, prefix_v, key_padding_mask, causal,
+                                scale)
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     P = 0 if prefix_k is None else prefix_k.shape[2]
@@ -246,6 +259,17 @@ def backward(dout, q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse, caus
         dpk, dpv = dpk.sum(0, keepdim=True, dtype=acc), dpv.sum(0, keepdim=True, dtype=acc)
     dq = dq_p.to(acc).add_(dq).to(q.dtype)
     return dq, dk, dv, dpk.to(prefix_k.dtype), dpv.to(prefix_v.dtype)
+
+
+def _oracle_backward(dout, q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale):
+    """Gradients by recomputing the oracle under autograd (the torch backend off the CPU)."""
+    tensors = [None if t is None else t.detach().requires_grad_()
+               for t in (q, k, v, prefix_k, prefix_v)]
+    with torch.enable_grad():
+        out = oracle(*tensors, key_padding_mask, causal, scale)
+        present = [t for t in tensors if t is not None]
+        grads = iter(torch.autograd.grad(out, present, dout))
+    return tuple(None if t is None else next(grads) for t in tensors)
 
 
 def flops(B: int, Hq: int, Lq: int, Lk: int, P: int, D: int, causal: bool) -> float:
