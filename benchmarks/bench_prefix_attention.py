@@ -19,6 +19,7 @@ to stdout and JSON to benchmarks/results/prefix_attention_<device>.json.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import statistics
 import sys
 from pathlib import Path
@@ -81,7 +82,26 @@ def available(provider, q, k, v, prefix_k, prefix_v) -> str | None:
     return "; ".join(reasons) or None
 
 
-def bench_one(provider, mode, inputs, device, reps):
+# CPU allocator set-up. common.peak_memory_bytes has glibc serve every allocation over 64 KiB by
+# mmap (so that freed memory leaves the resident set at once), and time_ms keeps that setting:
+# then every temporary tensor page-faults afresh, which a training process never sees (glibc
+# raises its mmap threshold to the sizes it frees, up to 32 MiB, and reuses heap memory). We
+# time with the threshold at that 32 MiB steady state and measure memory with 64 KiB.
+_M_MMAP_THRESHOLD = -3
+
+
+def _cpu_mmap_threshold(nbytes: int) -> None:
+    import common
+
+    common._mmap_threshold_set = True  # we manage the setting from here on
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, nbytes)
+    except OSError:
+        pass
+
+
+def make_fn(provider, mode, inputs):
+    """The call to measure: fwd (no autograd), bwd (backward of a kept graph), full."""
     q, k, v, pk, pv = inputs
     call = make_call(provider, q, k, v, pk, pv)
     dout = torch.randn_like(q)
@@ -99,59 +119,76 @@ def bench_one(provider, mode, inputs, device, reps):
         def fn():
             torch.autograd.grad(out, params, dout, retain_graph=True)
     fn()
-    timing = time_ms(fn, device, warmup=2, reps=reps)
-    return fn, timing
+    return fn
+
+
+def make_inputs(shape, device, dtype):
+    B, Hq, Hkv, L, P, D = shape
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    sizes = [(B, Hq, L, D), (B, Hkv, L, D), (B, Hkv, L, D), (Hkv, P, D), (Hkv, P, D)]
+    inputs = [torch.randn(*s, generator=gen).to(device=device, dtype=dtype) for s in sizes]
+    return [t.requires_grad_() for t in inputs]
+
+
+def shape_name(shape) -> str:
+    B, Hq, Hkv, L, P, D = shape
+    return f"B{B} H{Hq}/{Hkv} L{L} P{P} D{D}"
 
 
 def run(args):
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype]
-    shapes = args.shape or (GPU_SHAPES if device.type == "cuda" else CPU_SHAPES)
+    shapes = [tuple(s) for s in args.shape] if args.shape else (
+        GPU_SHAPES if device.type == "cuda" else CPU_SHAPES)
     providers = args.providers
+    cases = [(shape, mode) for shape in shapes for mode in args.modes]
+    skipped, memory = {}, {}
+    # 1. peak memory of every case first (on the CPU before any timing: see _cpu_mmap_threshold)
+    for shape, mode in cases:
+        inputs = make_inputs(shape, device, dtype)
+        for p in providers:
+            why = available(p, *inputs)
+            if why:
+                skipped[(shape, p)] = why
+                continue
+            if device.type == "cpu":
+                _cpu_mmap_threshold(64 << 10)
+            memory[(shape, mode, p)] = peak_memory_bytes(make_fn(p, mode, inputs), device)
+        del inputs
+    # 2. times: rounds alternate the providers, so that a noisy machine hits them alike; per
+    # round a median over reps; reported: the median (and median quantiles) over the rounds
+    if device.type == "cpu":
+        _cpu_mmap_threshold(32 << 20)
     rows = []
-    for B, Hq, Hkv, L, P, D in shapes:
-        gen = torch.Generator(device="cpu").manual_seed(0)
-        sizes = [(B, Hq, L, D), (B, Hkv, L, D), (B, Hkv, L, D), (Hkv, P, D), (Hkv, P, D)]
-        inputs = [torch.randn(*s, generator=gen).to(device=device, dtype=dtype) for s in sizes]
-        for t in inputs:
-            t.requires_grad_()
-        fwd_flops = flops(B, Hq, L, L, P, D, causal=True)
-        for mode in args.modes:
-            samples = {p: [] for p in providers}
-            skipped = {}
-            fns = {}
-            # rounds alternate the providers, so that a noisy machine hits them alike
-            for _ in range(args.rounds):
-                for p in providers:
-                    if p in skipped:
-                        continue
-                    why = available(p, *inputs)
-                    if why:
-                        skipped[p] = why
-                        continue
-                    fns[p], timing = bench_one(p, mode, inputs, device, args.reps)
-                    samples[p].append(timing)
-            shape = f"B{B} H{Hq}/{Hkv} L{L} P{P} D{D}"
-            block = []
-            for p in providers:
-                if p in skipped:
-                    block.append(dict(shape=shape, mode=mode, provider=p, skipped=skipped[p]))
-                    continue
-                # per round a median over reps; reported: the median (and the median
-                # quantiles) over the rounds
-                t = {key: statistics.median(s[key] for s in samples[p])
-                     for key in ("median_ms", "q20_ms", "q80_ms")}
-                mem = peak_memory_bytes(fns[p], device) / 2**20
-                row = dict(shape=shape, mode=mode, provider=p, **t, peak_mib=mem)
-                if device.type == "cuda":
-                    work = fwd_flops * {"fwd": 1.0, "bwd": 2.5, "full": 3.5}[mode]
-                    row["tflops"] = work / (t["median_ms"] * 1e-3) / 1e12
-                block.append(row)
-            base = next((r for r in block if r["provider"] == "sdpa" and "median_ms" in r), None)
-            for r in block:
-                if base is not None and "median_ms" in r:
-                    r["vs_sdpa"] = r["median_ms"] / base["median_ms"]
-            rows += block
+    for shape, mode in cases:
+        inputs = make_inputs(shape, device, dtype)
+        live = [p for p in providers if (shape, p) not in skipped]
+        fns = {p: make_fn(p, mode, inputs) for p in live}
+        samples = {p: [] for p in live}
+        for _ in range(args.rounds):
+            for p in live:
+                samples[p].append(time_ms(fns[p], device, warmup=2, reps=args.reps))
+        block = []
+        for p in providers:
+            if p not in live:
+                block.append(dict(shape=shape_name(shape), mode=mode, provider=p,
+                                  skipped=skipped[(shape, p)]))
+                continue
+            t = {key: statistics.median(s[key] for s in samples[p])
+                 for key in ("median_ms", "q20_ms", "q80_ms")}
+            row = dict(shape=shape_name(shape), mode=mode, provider=p, **t,
+                       peak_mib=memory[(shape, mode, p)] / 2**20)
+            if device.type == "cuda":
+                work = flops(shape[0], shape[1], shape[3], shape[3], shape[4], shape[5],
+                             causal=True) * {"fwd": 1.0, "bwd": 2.5, "full": 3.5}[mode]
+                row["tflops"] = work / (t["median_ms"] * 1e-3) / 1e12
+            block.append(row)
+        base = next((r for r in block if r["provider"] == "sdpa" and "median_ms" in r), None)
+        for r in block:
+            if base is not None and "median_ms" in r:
+                r["vs_sdpa"] = r["median_ms"] / base["median_ms"]
+        rows += block
+        del fns, inputs
     return rows
 
 
@@ -187,6 +224,8 @@ def main(argv=None):
     out = Path(args.out or Path(__file__).parent / "results" /
                f"prefix_attention_{device.type}.json")
     payload = dict(benchmark="prefix_attention", dtype=args.dtype, causal=True,
+                   cpu_allocator="timed with glibc M_MMAP_THRESHOLD=32 MiB (steady state), "
+                                 "memory measured with 64 KiB as benchmarks/common.py",
                    command=" ".join(["python", "benchmarks/bench_prefix_attention.py",
                                      *(argv if argv is not None else sys.argv[1:])]),
                    machine=machine_info(device), rows=rows)
