@@ -130,8 +130,12 @@ def lora_kernels_attention(module, query, key, value, attention_mask, scaling=No
     if attention_mask is None:
         causal, kpm = is_causal, None
     else:
-        if attention_mask.dim() == 4 and attention_mask.shape[-1] > key.shape[-2]:
-            attention_mask = attention_mask[..., : key.shape[-2]]
+        if attention_mask.shape[-1] != key.shape[-2]:
+            raise ValueError(
+                f"lora_kernels attention: the mask covers {attention_mask.shape[-1]} keys but the layer "
+                f"has {key.shape[-2]} (prefix tuning here keeps the prefix out of the mask: pass the "
+                "attention mask of the real tokens only)"
+            )
         found = decompose_mask(attention_mask, causal_first=is_causal)
         if found is None:
             out = masked_attention_reference(query, key, value, prefix_k, prefix_v, attention_mask,
