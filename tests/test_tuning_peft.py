@@ -95,3 +95,18 @@ def test_peft_to_ours(kind, method, tmp_path):
     tuned = lk.load_adapter(model, tmp_path)
     ours = _logits(tuned, inputs, kind)
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+def test_peft_prompt_adapter_with_text_init_loads_without_its_tokenizer(tmp_path):
+    """PEFT records prompt_tuning_init TEXT and a tokenizer name; loading needs neither."""
+    model = make_model("gpt2")
+    theirs = peft.get_peft_model(copy.deepcopy(model), peft.PromptTuningConfig(num_virtual_tokens=3, task_type="CAUSAL_LM"))
+    theirs.save_pretrained(str(tmp_path))
+    data = json.loads((tmp_path / "adapter_config.json").read_text())
+    data.update(prompt_tuning_init="TEXT", prompt_tuning_init_text="hello",
+                tokenizer_name_or_path="/nonexistent/tokenizer")
+    (tmp_path / "adapter_config.json").write_text(json.dumps(data))
+    tuned = lk.load_adapter(model, tmp_path)
+    assert tuned.config_tuning.prompt_tuning_init == "TEXT"
+    ids = batch("gpt2")["input_ids"]
+    torch.testing.assert_close(tuned(input_ids=ids).logits[:, 3:], theirs.eval()(input_ids=ids).logits[:, 3:])
