@@ -267,11 +267,15 @@ def test_prompt_template_and_verbalizer():
     ids = torch.tensor([Tok()(tuned.format_prompt("fine film"))["input_ids"],
                         Tok()(tuned.format_prompt("dull"))["input_ids"] + [0]])
     mask = torch.ones_like(ids)
-    mask[1, -1] = 0
+    mask[1, -1] = 0  # right padding
     got = tuned.verbalizer_logits(ids, mask)
     logits = tuned(input_ids=ids, attention_mask=mask).logits  # (B, P + L, V)
     torch.testing.assert_close(got[0], logits[0, 4 + 3, words])
     torch.testing.assert_close(got[1], logits[1, 4 + 2, words])
+    left = torch.cat([ids[1:, -1:], ids[1:, :-1]], 1)  # the same row, left-padded
+    left_mask = mask[1:].flip(1)
+    got_left = tuned.verbalizer_logits(left, left_mask)
+    torch.testing.assert_close(got_left[0], tuned(input_ids=left, attention_mask=left_mask).logits[0, -1, words])
     labels = torch.tensor([1, 0])
     opt = torch.optim.Adam(tuned.prompt_encoder.parameters(), lr=0.1)
     first = None

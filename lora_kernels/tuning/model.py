@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ..integrations import transformers as hf_attention
-from ..integrations.model_families import attention_geometry, self_attention_layers, text_config
+from ..integrations.model_families import attention_geometry, self_attention_layers
 from ..nn.lora_linear import LoRALinear
 from ..nn.prefix_encoder import PrefixEncoder
 from ..nn.prompt_encoder import PromptEncoder
@@ -131,9 +131,12 @@ class TunedModel(nn.Module):
         verbalizer words after the last real token, in ``verbalizer`` order."""
         ids = self.verbalizer_token_ids(tokenizer)
         logits = self(input_ids=input_ids, attention_mask=attention_mask).logits
-        last = (attention_mask.long().sum(1) - 1) if attention_mask is not None else \
-            torch.full((input_ids.shape[0],), input_ids.shape[1] - 1, device=input_ids.device)
-        last = last + (logits.shape[1] - input_ids.shape[1])
+        L = input_ids.shape[1]
+        if attention_mask is None:
+            last = torch.full((input_ids.shape[0],), L - 1, device=input_ids.device)
+        else:  # the last real token, with left or right padding
+            last = L - 1 - attention_mask.long().flip(1).argmax(1)
+        last = last + (logits.shape[1] - L)
         rows = logits[torch.arange(logits.shape[0], device=logits.device), last]
         return rows[:, ids]
 
@@ -259,7 +262,15 @@ def _apply_modules_to_save(tuned: TunedModel, names: list[str]) -> None:
             p.requires_grad_(True)
         model.set_submodule(name, trained)
         tuned._saved_modules[name] = original
-        tuned._undo.append(_swap_step(lambda name=name, original=original: model.set_submodule(name, original)))
+
+        def restore(name=name, original=original):
+            # the original sits outside the module tree: follow the copy if it was moved
+            current = next(iter(model.get_submodule(name).parameters()), None)
+            if current is not None:
+                original.to(current.device)
+            model.set_submodule(name, original)
+
+        tuned._undo.append(_swap_step(restore))
 
 
 def _check_transformers_model(model) -> None:
@@ -330,16 +341,19 @@ def _tune_full(tuned: TunedModel, config: FullFineTuningConfig) -> None:
 
 
 def _enable_checkpointing(tuned: TunedModel) -> None:
+    """transformers' activation checkpointing (``activation_checkpointing_enable`` since 5.23,
+    ``gradient_checkpointing_enable`` before), non-reentrant."""
     model = tuned.base_model
-    was = bool(getattr(model, "is_gradient_checkpointing", False))
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(model, "activation_checkpointing_enable"):
+        was = bool(model.is_activation_checkpointing)
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        disable = model.activation_checkpointing_disable
+    else:
+        was = bool(getattr(model, "is_gradient_checkpointing", False))
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        disable = model.gradient_checkpointing_disable
     if not was:
-        tuned._undo.append(model.gradient_checkpointing_disable)
-
-
-def _prompt_geometry(model, config) -> tuple[int, int, int, int]:
-    layers, heads, kv_heads, head_dim = attention_geometry(model)
-    return layers, heads, kv_heads, head_dim
+        tuned._undo.append(disable)
 
 
 def _tune_prefix(tuned: TunedModel, config: PrefixTuningConfig) -> None:
@@ -352,7 +366,6 @@ def _tune_prefix(tuned: TunedModel, config: PrefixTuningConfig) -> None:
     if len(attn) != layers_n:
         raise ValueError(f"PrefixTuningConfig: found {len(attn)} self-attention modules calling the "
                          f"attention interface but the config says {layers_n} layers")
-    hidden = getattr(text_config(model), "hidden_size", kv_heads * head_dim)
     for field, expected in (("num_layers", layers_n), ("num_attention_heads", kv_heads),
                             ("token_dim", kv_heads * head_dim)):
         given = getattr(config, field)
@@ -372,7 +385,6 @@ def _tune_prefix(tuned: TunedModel, config: PrefixTuningConfig) -> None:
                             prefix_projection=config.prefix_projection, token_dim=config.token_dim,
                             encoder_hidden_size=config.encoder_hidden_size, device=param.device,
                             dtype=torch.float32 if param.dtype in (torch.float16, torch.bfloat16) else param.dtype)
-    del hidden
     _record_requires_grad(model, tuned._undo)
     model.requires_grad_(False)
     _enable_attention(tuned, required=True)
