@@ -129,8 +129,9 @@ def test_greedy_generate_equals_manual_greedy_loop(kind, method):
     assert torch.equal(got, expected)
 
 
+@pytest.mark.parametrize("reentrant", [True, False])
 @pytest.mark.parametrize("kind", KINDS)
-def test_prefix_tuning_with_gradient_checkpointing(kind):
+def test_prefix_tuning_with_gradient_checkpointing(kind, reentrant):
     """Same loss and prefix gradient with and without checkpointing (PEFT cannot do this)."""
     grads = []
     for checkpointing in (False, True):
@@ -138,8 +139,8 @@ def test_prefix_tuning_with_gradient_checkpointing(kind):
                                                     encoder_hidden_size=16))
         tuned.train()
         if checkpointing:
-            tuned.gradient_checkpointing_enable()
-            assert tuned.base_model.is_gradient_checkpointing
+            tuned.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": reentrant})
+            assert tuned.base_model.is_activation_checkpointing
         loss = tuned(**batch(kind)).loss
         loss.backward()
         grads.append((loss.detach(), [p.grad.clone() for p in tuned.prefix_encoder.parameters()]))
