@@ -315,3 +315,16 @@ def test_prefix_attribute_is_not_a_submodule_and_print(capsys):
     assert k.shape == (2, 3, 8) and v.shape == (2, 3, 8)  # (Hkv, P, D): prefix per kv head
     tuned.print_trainable_parameters()
     assert "trainable params: 192 " in capsys.readouterr().out  # 2 layers * (k, v) * 2 heads * 8 * 3
+
+
+def test_fused_attention_opt_out_and_layers_pattern():
+    model = make_model("llama")
+    tuned = lk.tune(model, lk.LoraConfig(r=2, target_modules=["q_proj"], layers_to_transform=0,
+                                         layers_pattern="layers"), fused_attention=False)
+    assert model.config._attn_implementation == "sdpa"
+    assert [n for n, m in model.named_modules() if isinstance(m, lk.LoRALinear)] == ["model.layers.0.self_attn.q_proj"]
+    tuned.unload()
+    tuned = lk.tune(model, lk.LoraConfig(r=2, target_modules=["q_proj"]))
+    assert model.config._attn_implementation == "lora_kernels"
+    tuned.unload()
+    assert model.config._attn_implementation == "sdpa"
