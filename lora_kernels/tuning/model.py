@@ -44,7 +44,6 @@ class TunedModel(nn.Module):
         self.prefix_encoder: PrefixEncoder | None = None
         self._undo: list = []
         self._saved_modules: dict[str, nn.Module] = {}  # modules_to_save: name -> original
-        self._position_hook = None
 
     # -- attribute fallback -----------------------------------------------------------------
     def __getattr__(self, name: str):
