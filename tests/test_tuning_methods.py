@@ -328,3 +328,21 @@ def test_fused_attention_opt_out_and_layers_pattern():
     assert model.config._attn_implementation == "lora_kernels"
     tuned.unload()
     assert model.config._attn_implementation == "sdpa"
+
+
+@pytest.mark.parametrize("method", ["lora", "prefix", "prompt"])
+@pytest.mark.parametrize("kind", DECODERS)
+def test_disable_adapter_gives_the_base_model(kind, method):
+    model = make_model(kind)
+    ids = batch(kind)["input_ids"]
+    base = model(input_ids=ids).logits
+    tuned = lk.tune(model, config_for(method, kind, **({"init_lora_weights": False} if method == "lora" else {})))
+    with torch.no_grad():
+        for p in tuned.parameters():
+            if p.requires_grad:
+                p.normal_()
+    tuned_logits = tuned(input_ids=ids).logits
+    with tuned.disable_adapter():
+        torch.testing.assert_close(tuned(input_ids=ids).logits, base, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(tuned(input_ids=ids).logits, tuned_logits)
+    assert (tuned_logits[:, -ids.shape[1]:] - base).abs().max() > 1e-3

@@ -5,6 +5,7 @@ undo step, so a failure half-way (or ``unload()``) puts the model back exactly a
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import inspect
@@ -44,6 +45,7 @@ class TunedModel(nn.Module):
         self.prefix_encoder: PrefixEncoder | None = None
         self._undo: list = []
         self._saved_modules: dict[str, nn.Module] = {}  # modules_to_save: name -> original
+        self._adapter_enabled = True
 
     # -- attribute fallback -----------------------------------------------------------------
     def __getattr__(self, name: str):
@@ -60,14 +62,16 @@ class TunedModel(nn.Module):
 
     # -- forward / generate ---------------------------------------------------------------
     def forward(self, *args, **kwargs):
-        if self.prompt_encoder is not None:
+        """The wrapped model's forward (same arguments: ``input_ids`` (B, L) int64,
+        ``attention_mask`` (B, L), ``labels``, ...). Prompt tuning returns (B, P + L) positions."""
+        if self.prompt_encoder is not None and self._adapter_enabled:
             return self.base_model(**self._prompt_inputs(*args, **kwargs))
         return self.base_model(*args, **kwargs)
 
     def generate(self, *args, **kwargs):
         """As ``base_model.generate``. With prompt tuning the virtual tokens are prepended
         (as ``inputs_embeds``) and the returned sequences start with ``input_ids``."""
-        if self.prompt_encoder is None:
+        if self.prompt_encoder is None or not self._adapter_enabled:
             return self.base_model.generate(*args, **kwargs)
         input_ids = kwargs.pop("input_ids", args[0] if args else None)
         if input_ids is None:
@@ -138,6 +142,33 @@ class TunedModel(nn.Module):
         last = last + (logits.shape[1] - L)
         rows = logits[torch.arange(logits.shape[0], device=logits.device), last]
         return rows[:, ids]
+
+    @contextlib.contextmanager
+    def disable_adapter(self):
+        """Within the block the model runs without the method (LoRA updates, prefix, virtual
+        tokens off; modules_to_save keep their trained copies), e.g. for a reference model."""
+        config = self.config_tuning
+        if isinstance(config, FullFineTuningConfig):
+            raise ValueError("disable_adapter: full fine-tuning has no adapter to disable")
+        layers = lora_layers(self.base_model) if isinstance(config, LoraConfig) else {}
+        if any(layer.merged for layer in layers.values()):
+            raise ValueError("disable_adapter: unmerge_adapter() first")
+        scalings = {name: layer.scaling for name, layer in layers.items()}
+        attrs = {}
+        for name, module in self.base_model.named_modules():
+            if hf_attention.PREFIX_ATTR in module.__dict__:
+                attrs[name] = module.__dict__.pop(hf_attention.PREFIX_ATTR)
+        self._adapter_enabled = False
+        try:
+            for layer in layers.values():
+                layer.scaling = 0.0
+            yield self
+        finally:
+            self._adapter_enabled = True
+            for name, layer in layers.items():
+                layer.scaling = scalings[name]
+            for name, fn in attrs.items():
+                self.base_model.get_submodule(name).__dict__[hf_attention.PREFIX_ATTR] = fn
 
     # -- reporting --------------------------------------------------------------------------
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
@@ -407,6 +438,8 @@ def attach_prefix(tuned: TunedModel, encoder: PrefixEncoder, attn) -> None:
     P = encoder.num_virtual_tokens
 
     def shift_positions(module, args, kwargs):
+        if not tuned._adapter_enabled:
+            return None
         ids = kwargs.get("input_ids", args[0] if args else None)
         embeds = kwargs.get("inputs_embeds")
         ref = ids if ids is not None else embeds
