@@ -346,3 +346,12 @@ def test_disable_adapter_gives_the_base_model(kind, method):
         torch.testing.assert_close(tuned(input_ids=ids).logits, base, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(tuned(input_ids=ids).logits, tuned_logits)
     assert (tuned_logits[:, -ids.shape[1]:] - base).abs().max() > 1e-3
+
+
+def test_forward_signature_is_the_wrapped_models():
+    """transformers' Trainer keeps the dataset columns named in the forward's signature."""
+    import inspect
+
+    tuned = lk.tune(make_model("gpt2"), config_for("prompt", "gpt2"))
+    params = inspect.signature(tuned.forward).parameters
+    assert {"input_ids", "attention_mask", "labels"} <= set(params)

@@ -46,6 +46,21 @@ class TunedModel(nn.Module):
         self._undo: list = []
         self._saved_modules: dict[str, nn.Module] = {}  # modules_to_save: name -> original
         self._adapter_enabled = True
+        self._expose_signature(model)
+
+    def _expose_signature(self, model: nn.Module) -> None:
+        """Make ``inspect.signature(tuned.forward)`` the wrapped model's, as tools that pick
+        dataset columns by the forward's parameters (transformers' Trainer) expect."""
+        base_forward = getattr(model, "forward", None)
+        if base_forward is None:
+            return
+        method = TunedModel.forward.__get__(self)
+
+        @functools.wraps(base_forward)
+        def forward(*args, **kwargs):
+            return method(*args, **kwargs)
+
+        self.__dict__["forward"] = forward
 
     # -- attribute fallback -----------------------------------------------------------------
     def __getattr__(self, name: str):
