@@ -355,3 +355,20 @@ def test_forward_signature_is_the_wrapped_models():
     tuned = lk.tune(make_model("gpt2"), config_for("prompt", "gpt2"))
     params = inspect.signature(tuned.forward).parameters
     assert {"input_ids", "attention_mask", "labels"} <= set(params)
+
+
+@pytest.mark.parametrize("method", ["prompt", "prefix"])
+def test_a_deep_copy_runs_its_own_adapter(method):
+    tuned = lk.tune(make_model("gpt2"), config_for(method, "gpt2"))
+    clone = copy.deepcopy(tuned)
+    encoder = clone.prompt_encoder if method == "prompt" else clone.prefix_encoder
+    with torch.no_grad():
+        encoder.embedding.weight.add_(1.0)
+    ids = batch("gpt2")["input_ids"]
+    assert not torch.equal(clone(input_ids=ids).logits, tuned(input_ids=ids).logits)
+    with clone.disable_adapter():  # the copy's switches act on the copy
+        plain = clone(input_ids=ids).logits
+    with tuned.disable_adapter():
+        torch.testing.assert_close(plain, tuned(input_ids=ids).logits)
+    with pytest.raises(RuntimeError, match="is a copy"):
+        clone.unload()

@@ -31,6 +31,24 @@ from .lora import _matches, lora_layers, resolve_target_names, wrap_targets
 _CLASSIFIER_HEADS = ("classifier", "score")
 
 
+class _ForwardWithBaseSignature:
+    """``TunedModel.forward``: ``TunedModel._forward`` bound to the instance, carrying the
+    wrapped model's signature, so tools that keep the dataset columns named in the forward's
+    parameters (transformers' Trainer) see ``input_ids``, ``labels``, ... (no per-instance
+    state, so deepcopy and DDP are unaffected)."""
+
+    def __get__(self, obj, objtype=None):
+        if obj is None:
+            return TunedModel._forward
+        bound = functools.partial(TunedModel._forward, obj)
+        base = obj._modules.get("base_model")
+        try:
+            bound.__signature__ = inspect.signature(base.forward)
+        except (TypeError, ValueError, AttributeError):
+            pass
+        return bound
+
+
 class TunedModel(nn.Module):
     """A transformers model under one tuning method. ``forward`` and ``generate`` take what
     the wrapped model takes; ``base_model`` is the wrapped model (LoRA layers in place);
@@ -46,21 +64,7 @@ class TunedModel(nn.Module):
         self._undo: list = []
         self._saved_modules: dict[str, nn.Module] = {}  # modules_to_save: name -> original
         self._adapter_enabled = True
-        self._expose_signature(model)
-
-    def _expose_signature(self, model: nn.Module) -> None:
-        """Make ``inspect.signature(tuned.forward)`` the wrapped model's, as tools that pick
-        dataset columns by the forward's parameters (transformers' Trainer) expect."""
-        base_forward = getattr(model, "forward", None)
-        if base_forward is None:
-            return
-        method = TunedModel.forward.__get__(self)
-
-        @functools.wraps(base_forward)
-        def forward(*args, **kwargs):
-            return method(*args, **kwargs)
-
-        self.__dict__["forward"] = forward
+        self._owner = id(model)  # the undo steps act on this model object
 
     # -- attribute fallback -----------------------------------------------------------------
     def __getattr__(self, name: str):
@@ -76,7 +80,9 @@ class TunedModel(nn.Module):
         return self.config_tuning
 
     # -- forward / generate ---------------------------------------------------------------
-    def forward(self, *args, **kwargs):
+    forward = _ForwardWithBaseSignature()
+
+    def _forward(self, *args, **kwargs):
         """The wrapped model's forward (same arguments: ``input_ids`` (B, L) int64,
         ``attention_mask`` (B, L), ``labels``, ...). Prompt tuning returns (B, P + L) positions."""
         if self.prompt_encoder is not None and self._adapter_enabled:
@@ -171,8 +177,9 @@ class TunedModel(nn.Module):
         scalings = {name: layer.scaling for name, layer in layers.items()}
         attrs = {}
         for name, module in self.base_model.named_modules():
-            if hf_attention.PREFIX_ATTR in module.__dict__:
-                attrs[name] = module.__dict__.pop(hf_attention.PREFIX_ATTR)
+            for key in (hf_attention.PREFIX_ATTR, POSITION_ATTR):
+                if key in module.__dict__:
+                    attrs[name, key] = module.__dict__.pop(key)
         self._adapter_enabled = False
         try:
             for layer in layers.values():
@@ -182,8 +189,8 @@ class TunedModel(nn.Module):
             self._adapter_enabled = True
             for name, layer in layers.items():
                 layer.scaling = scalings[name]
-            for name, fn in attrs.items():
-                self.base_model.get_submodule(name).__dict__[hf_attention.PREFIX_ATTR] = fn
+            for (name, key), value in attrs.items():
+                self.base_model.get_submodule(name).__dict__[key] = value
 
     # -- reporting --------------------------------------------------------------------------
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
@@ -234,6 +241,11 @@ class TunedModel(nn.Module):
                 layer.unmerge()
 
     # -- undoing ----------------------------------------------------------------------------
+    def _check_owner(self, what: str) -> None:
+        if self.__dict__.get("_owner") != id(self.base_model):
+            raise RuntimeError(f"{what}: this TunedModel is a copy; its undo steps would act on the "
+                               "original model (call it on the original)")
+
     def _run_undo(self) -> None:
         while self._undo:
             self._undo.pop()()
@@ -241,6 +253,7 @@ class TunedModel(nn.Module):
     def unload(self) -> nn.Module:
         """Remove the method without merging: original modules, parameters' requires_grad,
         attention implementation and state-dict keys back. Returns the base model."""
+        self._check_owner("unload")
         model = self.base_model
         self._run_undo()
         self.prompt_encoder = self.prefix_encoder = None
@@ -254,6 +267,7 @@ class TunedModel(nn.Module):
         if isinstance(config, (PromptTuningConfig, PrefixTuningConfig)):
             raise ValueError(f"merge_and_unload: {config.peft_type} has no weights to merge into the model; "
                              "use unload() to remove it")
+        self._check_owner("merge_and_unload")
         model = self.base_model
         with torch.no_grad():
             for name, layer in lora_layers(model).items():
@@ -438,37 +452,44 @@ def _tune_prefix(tuned: TunedModel, config: PrefixTuningConfig) -> None:
     _apply_modules_to_save(tuned, keep)
 
 
+POSITION_ATTR = "lora_kernels_position_offset"
+
+
+def _shift_positions(module, args, kwargs):
+    """Forward pre-hook on the base model: the real tokens' position ids start at P (read from
+    the model's ``POSITION_ATTR``, so copies of the model carry their own)."""
+    P = module.__dict__.get(POSITION_ATTR)
+    if not P:
+        return None
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    embeds = kwargs.get("inputs_embeds")
+    ref = ids if ids is not None else embeds
+    if ref is None:
+        return None
+    position_ids = kwargs.get("position_ids")
+    if position_ids is None:
+        cache = kwargs.get("past_key_values", kwargs.get("cache"))
+        past = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
+        position_ids = torch.arange(past, past + ref.shape[1], device=ref.device).unsqueeze(0)
+    kwargs["position_ids"] = position_ids + P
+    return args, kwargs
+
+
 def attach_prefix(tuned: TunedModel, encoder: PrefixEncoder, attn) -> None:
     """Give each self-attention module a callable yielding its layer's (k, v) and shift the
     real tokens' position ids by P (forward pre-hook on the base model)."""
     model = tuned.base_model
     for index, (_, module) in enumerate(attn):
         module.__dict__[hf_attention.PREFIX_ATTR] = functools.partial(encoder.layer_prefix, index)
+    model.__dict__[POSITION_ATTR] = encoder.num_virtual_tokens
 
     def detach():
         for _, module in attn:
             module.__dict__.pop(hf_attention.PREFIX_ATTR, None)
+        model.__dict__.pop(POSITION_ATTR, None)
 
     tuned._undo.append(detach)
-    P = encoder.num_virtual_tokens
-
-    def shift_positions(module, args, kwargs):
-        if not tuned._adapter_enabled:
-            return None
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        embeds = kwargs.get("inputs_embeds")
-        ref = ids if ids is not None else embeds
-        if ref is None:
-            return None
-        position_ids = kwargs.get("position_ids")
-        if position_ids is None:
-            cache = kwargs.get("past_key_values", kwargs.get("cache"))
-            past = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
-            position_ids = torch.arange(past, past + ref.shape[1], device=ref.device).unsqueeze(0)
-        kwargs["position_ids"] = position_ids + P
-        return args, kwargs
-
-    handle = model.register_forward_pre_hook(shift_positions, with_kwargs=True)
+    handle = model.register_forward_pre_hook(_shift_positions, with_kwargs=True)
     tuned._undo.append(handle.remove)
 
 
