@@ -247,3 +247,26 @@ def test_set_backend_and_env_choose_triton(monkeypatch):
     monkeypatch.delenv("LORA_KERNELS_BACKEND")
     lora_linear(*_ok(), 1.0)  # auto on CPU: torch
     assert calls == [1, 1]
+
+
+# ----------------------------------------------------------------------------- memory
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_saves_x_and_s_only(backend):
+    """No mask and no dropped copy of x is kept for the backward: besides x and the
+    parameters, the only saved tensor is s (T, r)."""
+    T, in_f, out_f, r = 33, 40, 24, 4
+    x, w, b, a, bb = _leaves(make_inputs(T, in_f, out_f, r, torch.float32), (True, False, False, True, True))
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = lora_linear(x, w, b, a, bb, 1.0, 0.3, seed=4, backend=backend)
+    big = [t for t in saved if t.numel() >= T * min(in_f, out_f)]
+    assert all(t.data_ptr() == x.data_ptr() or t is w for t in big), [tuple(t.shape) for t in big]
+    assert sum(t.shape == (T, r) for t in saved) == 1
+    y.sum().backward()
