@@ -15,7 +15,7 @@ STAMP := $(VENV)/.lora_kernels_installed
 
 .PHONY: test demo install bench lint clean
 
-$(STAMP): pyproject.toml setup.py $(wildcard csrc/*/*.cu csrc/*/*.cpp csrc/*.h csrc/*/*.h)
+$(STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/*/*.cu csrc/*/*.cuh csrc/*/*.cpp csrc/*/*.h)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip setuptools wheel ninja
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH_SPEC)"

@@ -1,0 +1,118 @@
+#!/usr/bin/env bash
+# The GPU check: one command for a lent GPU machine (no internet needed).
+#
+#   OUT=/some/dir benchmarks/gpu_check.sh
+#
+# 1. builds the package and its CUDA extension with all cores (pip install --no-build-isolation
+#    --no-deps -e ., LORA_KERNELS_FORCE_CUDA_BUILD=1, TORCH_CUDA_ARCH_LIST=9.0 unless set),
+# 2. runs the GPU tests (pytest -m gpu: every backend against the float64 reference on CUDA
+#    tensors),
+# 3. runs both microbenchmarks at their GPU shapes (JSON under $OUT),
+# 4. prints one compact table last (also $OUT/gpu_check_table.md).
+#
+# Every step runs even when an earlier one failed; the exit status is non-zero if any failed.
+# Budget: under 8 minutes in all (each step has its own timeout below).
+set -u
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+OUT="${OUT:-$ROOT/out/gpu_check}"
+mkdir -p "$OUT"
+PY="${PYTHON:-python}"
+
+export TRITON_INTERPRET=0                 # real Triton on the GPU (conftest agrees via /dev/nvidia0)
+export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
+export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
+export LORA_KERNELS_FORCE_CUDA_BUILD=1
+export LORA_KERNELS_PTXAS_VERBOSE=1       # registers/spills per kernel, in the install log
+
+# Benchmark command lines (the benchmark scripts belong to their ops; adjust flags here).
+BENCH_LORA=("$PY" benchmarks/bench_lora.py --device cuda --json "$OUT/bench_lora.json")
+BENCH_ATTN=("$PY" benchmarks/bench_prefix_attention.py --device cuda --out "$OUT/bench_prefix_attention.json")
+
+STEPS=()
+FAILED=0
+
+step() {  # step NAME TIMEOUT_S CMD...: run, log to $OUT/NAME.log, record status and seconds
+  local name=$1 limit=$2
+  shift 2
+  echo "=== [$name] $*"
+  local start=$SECONDS
+  timeout --kill-after=10 "$limit" "$@" >"$OUT/$name.log" 2>&1
+  local rc=$?
+  local secs=$((SECONDS - start))
+  tail -n 25 "$OUT/$name.log"
+  local status=ok
+  if [ "$rc" -ne 0 ]; then
+    status="FAIL (rc $rc)"
+    [ "$rc" -eq 124 ] && status="TIMEOUT (${limit}s)"
+    FAILED=1
+  fi
+  STEPS+=("$name|$status|$secs")
+}
+
+step install 240 "$PY" -m pip install --no-build-isolation --no-deps -e .
+step info 60 "$PY" -m lora_kernels.cli info
+step pytest_gpu 300 "$PY" -m pytest -m gpu -q -p no:cacheprovider \
+  --junitxml="$OUT/pytest_gpu.xml" -o junit_family=xunit2
+step bench_lora 90 "${BENCH_LORA[@]}"
+step bench_prefix_attention 90 "${BENCH_ATTN[@]}"
+
+# The table: steps, then GPU test counts per test file, then the benchmarks' JSON rows.
+"$PY" - "$OUT" "${STEPS[@]}" <<'PYEOF' | tee "$OUT/gpu_check_table.md"
+import json, os, sys, xml.etree.ElementTree as ET
+from collections import defaultdict
+
+out, steps = sys.argv[1], sys.argv[2:]
+print("\n## GPU check\n")
+try:
+    import torch
+    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    print(f"torch {torch.__version__}, CUDA {torch.version.cuda}, GPU {gpu}\n")
+except Exception as exc:  # noqa: BLE001
+    print(f"torch unavailable: {exc}\n")
+print("| step | status | seconds |\n| --- | --- | --- |")
+for s in steps:
+    name, status, secs = s.split("|")
+    print(f"| {name} | {status} | {secs} |")
+
+junit = os.path.join(out, "pytest_gpu.xml")
+if os.path.exists(junit):
+    counts = defaultdict(lambda: defaultdict(int))
+    for case in ET.parse(junit).getroot().iter("testcase"):
+        file = case.get("classname", "?").split(".")[-1]
+        kind = "passed"
+        for child in case:
+            if child.tag in ("failure", "error"):
+                kind = "failed"
+            elif child.tag == "skipped":
+                kind = "skipped"
+        counts[file][kind] += 1
+    print("\n| GPU tests | passed | failed | skipped |\n| --- | --- | --- | --- |")
+    for file, c in sorted(counts.items()):
+        print(f"| {file} | {c['passed']} | {c['failed']} | {c['skipped']} |")
+
+for bench in ("bench_lora", "bench_prefix_attention"):
+    path = os.path.join(out, bench + ".json")
+    if not os.path.exists(path):
+        print(f"\n{bench}: no JSON written")
+        continue
+    data = json.load(open(path))
+    rows = data.get("results", data.get("rows", data)) if isinstance(data, dict) else data
+    print(f"\n{bench}:")
+    if isinstance(rows, list) and rows and isinstance(rows[0], dict):
+        timed = [r for r in rows if "median_ms" in r] or rows
+        keys = [k for k in timed[0] if not isinstance(timed[0][k], (dict, list))][:10]
+        rows = timed
+        print("| " + " | ".join(keys) + " |\n|" + " --- |" * len(keys))
+        for r in rows[:40]:
+            cells = [f"{r.get(k):.4g}" if isinstance(r.get(k), float) else str(r.get(k)) for k in keys]
+            print("| " + " | ".join(cells) + " |")
+    else:
+        print(json.dumps(rows)[:2000])
+PYEOF
+
+if [ "$FAILED" -ne 0 ]; then
+  echo "gpu_check: at least one step failed (logs in $OUT)"
+  exit 1
+fi
+echo "gpu_check: all steps passed (logs in $OUT)"

@@ -1,0 +1,146 @@
+"""``cuda`` backend of ``lora_linear``: ``y = x W^T + b + s * dropout(x) A^T B^T``.
+
+The base product ``x W^T (+ b)`` is cuBLAS through ``torch.mm``/``torch.addmm``; the LoRA path
+runs in the extension's kernels (``csrc/lora_linear``):
+
+- ``lora_shrink``: ``S = dropout(x) A^T`` (T, r) fp32, Philox mask from (seed, t * in + i).
+- ``lora_expand_``: ``y += s * S B^T`` in place on the base GEMM's output (the LoRA term is never
+  written to memory on its own).
+- ``lora_grad_s_b``: ``dS = s dY B`` and ``dB = s dY^T S`` in one pass over ``dY``.
+- ``lora_dropout_expand_``: ``dx += mask * (dS A) / (1 - p)`` in place on ``dY W``.
+- ``lora_grad_a``: ``dA = dS^T dropout(x)``.
+
+Equivalent PyTorch::
+
+    s = F.dropout(x, p) @ A.T                      # the mask comes from Philox(seed, index)
+    y = F.linear(x, W, b) + scaling * s @ B.T
+"""
+
+from __future__ import annotations
+
+import torch
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _capability_reasons(device: torch.device) -> list[str]:
+    """The kernels use bf16 tensor cores (WMMA): compute capability 8.0 or newer."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return []
+    major, minor = torch.cuda.get_device_capability(device)
+    if major < 8:
+        return [f"the CUDA kernels need compute capability 8.0 or newer, got {major}.{minor}"]
+    return []
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def not_supported_reasons(x, weight, bias, lora_A, lora_B, dropout_p, training) -> list[str]:
+    """Why the CUDA kernels cannot serve these inputs (empty list: they can).
+
+    Arguments as in :func:`forward`; ``training`` only matters through ``dropout_p`` (the op
+    passes ``dropout_p = 0`` in eval), so dropout is supported in both modes.
+    """
+    reasons: list[str] = []
+    tensors = {"x": x, "weight": weight, "lora_A": lora_A, "lora_B": lora_B}
+    if bias is not None:
+        tensors["bias"] = bias
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            return [f"{name} is not a tensor"]
+    for name, t in tensors.items():
+        if t.device.type != "cuda":
+            reasons.append(f"{name} is on {t.device.type}; the CUDA kernels need CUDA tensors")
+    reasons += _capability_reasons(next(iter(tensors.values())).device)
+    if len({t.device for t in tensors.values()}) > 1:
+        reasons.append("the tensors are on different devices")
+    if x.dtype not in SUPPORTED_DTYPES:
+        reasons.append(f"x dtype {_name(x.dtype)} is not supported (float32, float16, bfloat16)")
+    if weight.dtype != x.dtype:
+        reasons.append(f"weight dtype {_name(weight.dtype)} differs from x dtype {_name(x.dtype)}")
+    if bias is not None and bias.dtype != x.dtype:
+        reasons.append(f"bias dtype {_name(bias.dtype)} differs from x dtype {_name(x.dtype)}")
+    for name in ("lora_A", "lora_B"):
+        if tensors[name].dtype not in SUPPORTED_DTYPES:
+            reasons.append(
+                f"{name} dtype {_name(tensors[name].dtype)} is not supported (float32, float16, "
+                "bfloat16)"
+            )
+    if x.dim() != 2:
+        reasons.append(f"x must be 2-D (tokens, in), got {x.dim()}-D")
+    if weight.dim() != 2 or lora_A.dim() != 2 or lora_B.dim() != 2:
+        reasons.append("weight, lora_A and lora_B must be 2-D")
+    if not 0.0 <= float(dropout_p) < 1.0:
+        reasons.append(f"dropout_p must be in [0, 1), got {dropout_p}")
+    return reasons
+
+
+def forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
+    """``(y, s)``: y (T, out) in x's dtype, s (T, r) float32 = dropout(x) A^T (unscaled).
+
+    x (T, in) fp32/fp16/bf16, any strides; weight (out, in) in x's dtype, any strides; bias
+    (out,) or None; lora_A (r, in) and lora_B (out, r) in the adapter dtype (may differ from x);
+    scaling float; dropout_p in [0, 1) (0: no mask); seed int (the mask's Philox key).
+    """
+    from . import ops
+
+    lib = ops()
+    p = float(dropout_p)
+    s = lib.lora_shrink(x, lora_A, p, int(seed or 0))
+    y = torch.mm(x, weight.t()) if bias is None else torch.addmm(bias, x, weight.t())
+    lib.lora_expand_(y, s, lora_B, float(scaling))
+    return y, s
+
+
+def backward(dy, x, weight, lora_A, lora_B, s, scaling, dropout_p, seed, needs):
+    """``(dx, dweight, dbias, dA, dB)`` with None where ``needs`` (x, weight, bias, lora_A,
+    lora_B) is False. dy (T, out) in x's dtype; s the forward's (T, r) float32 output.
+    dweight (out, in) in the layout passed; dA/dB in the adapter dtype."""
+    from . import ops
+
+    lib = ops()
+    need_x, need_w, need_b, need_a, need_bb = (bool(n) for n in needs)
+    p, seed = float(dropout_p), int(seed or 0)
+    dx = dweight = dbias = d_a = d_b = None
+    if need_x or need_a or need_bb:
+        ds, db32 = lib.lora_grad_s_b(dy, s, lora_B, float(scaling), need_bb)
+        if need_bb:
+            d_b = db32.to(lora_B.dtype)
+        if need_x:
+            dx = torch.mm(dy, weight)
+            lib.lora_dropout_expand_(dx, ds, lora_A, p, seed)
+        if need_a:
+            d_a = lib.lora_grad_a(ds, x, p, seed).to(lora_A.dtype)
+    if need_w:
+        dweight = torch.mm(dy.t(), x)
+    if need_b:
+        dbias = dy.sum(0)
+    return dx, dweight, dbias, d_a, d_b
+
+
+def register_fakes() -> None:
+    """Fake (meta) implementations of the LoRA ops, so torch.compile can trace them."""
+
+    @torch.library.register_fake("lora_kernels_cuda::lora_shrink")
+    def _shrink(x, lora_A, dropout_p, seed):
+        return x.new_empty((x.shape[0], lora_A.shape[0]), dtype=torch.float32)
+
+    @torch.library.register_fake("lora_kernels_cuda::lora_expand_")
+    def _expand(y, s, lora_B, scaling):
+        return None
+
+    @torch.library.register_fake("lora_kernels_cuda::lora_grad_s_b")
+    def _grad_s_b(dy, s, lora_B, scaling, need_dB):
+        ds = dy.new_empty((dy.shape[0], s.shape[1]), dtype=torch.float32)
+        db_shape = (lora_B.shape[0], s.shape[1]) if need_dB else (0,)
+        return ds, dy.new_empty(db_shape, dtype=torch.float32)
+
+    @torch.library.register_fake("lora_kernels_cuda::lora_dropout_expand_")
+    def _dropout_expand(dx, ds, lora_A, dropout_p, seed):
+        return None
+
+    @torch.library.register_fake("lora_kernels_cuda::lora_grad_a")
+    def _grad_a(ds, x, dropout_p, seed):
+        return x.new_empty((ds.shape[1], x.shape[1]), dtype=torch.float32)
