@@ -115,10 +115,14 @@ def test_frozen_everything_but_adapters_gives_no_base_grads():
     assert a.grad is not None and bb.grad is not None
 
 
-def test_empty_batch():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_batch(backend):
     x, w, b, a, bb = _leaves(make_inputs(1, 6, 5, 2, torch.float32))
-    y = lora_linear(x[:0], w, b, a, bb, 1.0)
+    y = lora_linear(x[:0], w, b, a, bb, 1.0, 0.5, seed=1, backend=backend)
     assert y.shape == (0, 5)
+    y.sum().backward()
+    for t in (w, b, a, bb):
+        assert t.grad is not None and not t.grad.any()
 
 
 # ----------------------------------------------------------------------------- dropout
