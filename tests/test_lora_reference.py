@@ -89,3 +89,18 @@ def test_no_dropout_ignores_the_seed():
     y1, _ = ref.forward(*inputs, 1.0, 0.0, 1)
     y2, _ = ref.forward(*inputs, 1.0, 0.0, 2)
     assert torch.equal(y1, y2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtypes", [(torch.bfloat16, torch.float32), (torch.float32, torch.float32)],
+                         ids=["bf16-fp32", "fp32-fp32"])
+def test_torch_backend_on_cuda(dtypes):
+    """auto picks the torch backend on CUDA until a kernel backend passed the GPU check."""
+    dtype, adt = dtypes
+    T, in_f, out_f, r, p = 3000, 1536, 768, 16, 0.1
+    inputs = [t.cuda() if t is not None else None
+              for t in make_inputs(T, in_f, out_f, r, dtype, adapter_dtype=adt)]
+    dy = torch.randn(T, out_f, dtype=dtype, device="cuda")
+    y, s, grads = _run(inputs, 2.0, p, 17, dy)
+    keep = mask_of("torch", T, in_f, p, 17, device="cuda")
+    check_against_reference([y, *grads], inputs, 2.0, dy, keep, p)
