@@ -26,6 +26,8 @@ Backend contract: ``forward``, ``backward``, ``not_supported_reasons`` (see the 
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -328,14 +330,24 @@ def _dropout_args(dropout_p: float, seed: int):
     return int(seed) & 0x7FFFFFFFFFFFFFFF, p, (1.0 / (1.0 - p)) if p > 0 else 1.0
 
 
+def _on_device(t: torch.Tensor):
+    """Launch on ``t``'s GPU (Triton launches on the current device)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
 def forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
     """x (T, in); weight (out, in); bias (out,) or None; lora_A (r, in); lora_B (out, r)
     -> (y (T, out) in x's dtype, s (T, r) float32). See the module docstring."""
+    with _on_device(x):
+        return _forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
+
+
+def _forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
     T, IN = x.shape
     OUT, R = weight.shape[0], lora_A.shape[0]
     s = torch.empty(T, R, device=x.device, dtype=torch.float32)
     y = torch.empty(T, OUT, device=x.device, dtype=x.dtype)
-    if T == 0 or OUT == 0:
+    if T == 0:
         return y, s
     seed, p, inv_keep = _dropout_args(dropout_p, seed)
     block_r = _block_r(R)
@@ -344,6 +356,8 @@ def forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
         x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1), s.stride(0), s.stride(1),
         HAS_DROPOUT=p > 0, CT=_ct(lora_A.dtype), BLOCK_R=block_r,
     )
+    if OUT == 0:
+        return y, s
     _fwd_gemm[lambda m: (triton.cdiv(T, m["BLOCK_M"]) * triton.cdiv(OUT, m["BLOCK_N"]),)](
         x, weight, bias if bias is not None else y, s, lora_B, y, float(scaling), T, IN, OUT, R, _t_key(T),
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), s.stride(0), s.stride(1),
@@ -357,6 +371,11 @@ def forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
 def backward(dy, x, weight, lora_A, lora_B, s, scaling, dropout_p, seed, needs):
     """Gradients ``(dx, dweight, dbias, dA, dB)`` for ``needs`` (x, weight, bias, lora_A,
     lora_B), None where not needed; dweight (out, in) in the layout ``weight`` was passed."""
+    with _on_device(x):
+        return _backward(dy, x, weight, lora_A, lora_B, s, scaling, dropout_p, seed, needs)
+
+
+def _backward(dy, x, weight, lora_A, lora_B, s, scaling, dropout_p, seed, needs):
     need_x, need_w, need_b, need_a, need_bb = (bool(n) for n in needs)
     T, IN = x.shape
     OUT, R = weight.shape[0], lora_A.shape[0]
