@@ -36,7 +36,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from common import (  # noqa: E402
-    _use_mmap_for_large_allocations,
     format_table,
     machine_info,
     peak_memory_bytes,
@@ -160,9 +159,6 @@ def run(args) -> dict:
     dtype = DTYPES[args.dtype]
     if device.type == "cpu":
         torch.set_num_threads(args.threads or 1)
-        # Before the first large allocation: glibc must serve big blocks by mmap from the start,
-        # or freed activations stay resident in its heap and peaks read as zero.
-        _use_mmap_for_large_allocations()
     torch.manual_seed(0)
     base = nn.Linear(args.in_features, args.out_features, device=device, dtype=dtype)
     base.requires_grad_(False)
