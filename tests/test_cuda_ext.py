@@ -388,3 +388,26 @@ def test_backend_reasons_name_old_gpus(monkeypatch):
         assert module._capability_reasons(torch.device("cpu")) == []
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     assert cl._capability_reasons(torch.device("cuda", 0)) == []
+
+
+def test_setup_finds_ninja_off_path(setup_module, tmp_path):
+    found = _ninja_dirs(setup_module)  # the venv's ninja (pip package), if any
+    expected = found if found else [None]
+    assert setup_module.ninja_dir({"PATH": str(tmp_path)}) in expected
+    fake = tmp_path / "ninja"
+    fake.write_text("#!/bin/sh\n")
+    fake.chmod(0o755)
+    assert setup_module.ninja_dir({"PATH": str(tmp_path)}) is None  # already on PATH
+
+
+def _ninja_dirs(setup_module):
+    import shutil
+
+    dirs = [os.path.dirname(sys.executable)]
+    try:
+        import ninja
+
+        dirs.append(ninja.BIN_DIR)
+    except ImportError:
+        pass
+    return [d for d in dirs if shutil.which("ninja", path=d)]
