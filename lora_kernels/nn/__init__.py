@@ -2,5 +2,7 @@
 transformers."""
 
 from .lora_linear import LoRALinear
+from .prefix_encoder import PrefixEncoder
+from .prompt_encoder import PromptEncoder
 
-__all__ = ["LoRALinear"]
+__all__ = ["LoRALinear", "PrefixEncoder", "PromptEncoder"]

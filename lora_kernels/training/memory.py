@@ -1,0 +1,72 @@
+"""Peak memory of a stretch of code, on the GPU (the caching allocator's statistics) or the CPU
+(the process's resident-set high-water mark, Linux ``VmHWM``, reset through
+``/proc/self/clear_refs``; glibc is told to serve allocations over 64 KiB by ``mmap`` so that
+freed tensors leave the resident set at once). The figure is what the code added on top of what
+was resident or allocated when it started. Same method as ``benchmarks/common.py``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import os
+
+import torch
+
+_M_MMAP_THRESHOLD = -3
+_configured = False
+
+
+def _use_mmap_for_large_allocations() -> None:
+    global _configured
+    if not _configured:
+        try:
+            ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, 1 << 16)
+        except OSError:
+            pass
+        _configured = True
+
+
+def _status_bytes(key: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(key):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+class PeakMemory:
+    """``with PeakMemory(device) as pm: ...`` then ``pm.peak_bytes`` (None where the platform
+    gives no figure, e.g. a CPU run outside Linux)."""
+
+    def __init__(self, device: torch.device | str) -> None:
+        self.device = torch.device(device)
+        self.peak_bytes: int | None = None
+        self._before = 0
+
+    def __enter__(self) -> PeakMemory:
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._before = torch.cuda.memory_allocated(self.device)
+        else:
+            _use_mmap_for_large_allocations()
+            try:
+                with open("/proc/self/clear_refs", "w") as f:
+                    f.write("5")
+                self._before = _status_bytes("VmRSS:")
+            except OSError:
+                self._before = None
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak_bytes = torch.cuda.max_memory_allocated(self.device) - self._before
+        elif self._before is not None and os.path.exists("/proc/self/status"):
+            hwm = _status_bytes("VmHWM:")
+            self.peak_bytes = None if hwm is None else max(0, hwm - self._before)

@@ -1,0 +1,302 @@
+"""PEFT's on-disk adapter format, both ways.
+
+A directory holds ``adapter_config.json`` (PEFT's field names, ``indent=2``, sorted keys,
+``inference_mode`` true) and ``adapter_model.safetensors`` (metadata ``{"format": "pt"}``):
+
+- LoRA: ``base_model.model.<module>.lora_A.weight`` (r, in), ``.lora_B.weight`` (out, r);
+  biases (``bias`` all / lora_only) as ``<module>.base_layer.bias`` inside LoRA layers and
+  ``<module>.bias`` elsewhere; ``modules_to_save`` as ``base_model.model.<module>.<param>``.
+- prompt tuning: ``prompt_embeddings`` (P, hidden); prefix tuning: ``prompt_embeddings``
+  (P, layers*2*Hkv*D), the prefix encoder's output (a reparameterisation MLP is not saved).
+- full fine-tuning (ours, no PEFT equivalent): ``peft_type`` "FULL" and the model's own keys.
+
+Fields PEFT does not have (prompt template, verbalizer, ...) go to ``lora_kernels_config.json``.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+
+import torch
+from torch import nn
+
+from ..nn.lora_linear import LoRALinear
+from .config import (
+    FullFineTuningConfig,
+    LoraConfig,
+    PrefixTuningConfig,
+    PromptTuningConfig,
+    TuningConfig,
+)
+
+CONFIG_NAME = "adapter_config.json"
+EXTRA_CONFIG_NAME = "lora_kernels_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+BIN_NAME = "adapter_model.bin"
+PREFIX = "base_model.model."  # LoRA: PeftModel.base_model (LoraModel).model (the HF model)
+PROMPT_PREFIX = "base_model."  # prompt learning: PeftModel.base_model is the HF model itself
+
+
+def _module_prefix(config) -> str:
+    return PROMPT_PREFIX if isinstance(config, (PromptTuningConfig, PrefixTuningConfig)) else PREFIX
+
+
+# -- state dict <-> PEFT keys --------------------------------------------------------------
+def adapter_state_dict(tuned) -> dict[str, torch.Tensor]:
+    """The tensors PEFT would save for this adapter, under PEFT's key names."""
+    config, model = tuned.config_tuning, tuned.base_model
+    if isinstance(config, (PromptTuningConfig, PrefixTuningConfig)):
+        encoder = tuned.prompt_encoder if isinstance(config, PromptTuningConfig) else tuned.prefix_encoder
+        out = {"prompt_embeddings": encoder().detach()}
+    elif isinstance(config, FullFineTuningConfig):
+        return _dedup(model.state_dict())
+    else:
+        out = {}
+        layers = {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+        for name, layer in layers.items():
+            out[f"{PREFIX}{name}.lora_A.weight"] = layer.lora_A.detach()
+            out[f"{PREFIX}{name}.lora_B.weight"] = layer.lora_B.detach()
+            if layer.bias is not None and config.bias in ("all", "lora_only"):
+                out[f"{PREFIX}{name}.base_layer.bias"] = layer.bias.detach()
+        if config.bias == "all":
+            for name, module in model.named_modules():
+                if isinstance(module, LoRALinear) or any(name.startswith(n + ".") for n in layers):
+                    continue
+                bias = module._parameters.get("bias")
+                if isinstance(bias, torch.Tensor):
+                    out[f"{PREFIX}{name}.bias"] = bias.detach()
+    prefix = _module_prefix(config)
+    for name in tuned._saved_modules:
+        for key, value in model.get_submodule(name).state_dict().items():
+            out[f"{prefix}{name}.{key}"] = value.detach()
+    return out
+
+
+def _full(tensor: torch.Tensor) -> torch.Tensor:
+    """A sharded DTensor (FSDP2) gathered whole; a plain tensor as it is."""
+    full_tensor = getattr(tensor, "full_tensor", None)
+    return full_tensor() if callable(full_tensor) else tensor
+
+
+def _dedup(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Drop keys sharing storage with an earlier key (tied weights), as safetensors requires."""
+    seen, out = set(), {}
+    for key, value in state.items():
+        ident = (value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape))
+        if value.numel() and ident in seen:
+            continue
+        seen.add(ident)
+        out[key] = value
+    return out
+
+
+def save_adapter(tuned, save_directory, *, safe_serialization: bool = True) -> None:
+    """Write the adapter of ``tuned`` to ``save_directory`` in PEFT's format. Under
+    torch.distributed call it on every rank (sharded tensors are gathered); rank 0 writes."""
+    from safetensors.torch import save_file
+
+    tensors = {k: _full(v).contiguous().cpu() for k, v in adapter_state_dict(tuned).items()}
+    if torch.distributed.is_available() and torch.distributed.is_initialized() \
+            and torch.distributed.get_rank() != 0:
+        return
+    os.makedirs(save_directory, exist_ok=True)
+    config, model = tuned.config_tuning, tuned.base_model
+    data = config.to_dict(peft_only=True)
+    data["inference_mode"] = True
+    if isinstance(config, LoraConfig):
+        layers = {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+        data["fan_in_fan_out"] = any(m.fan_in_fan_out for m in layers.values())
+        if data["target_modules"] is None:
+            data["target_modules"] = sorted({n.split(".")[-1] for n in layers})
+        saved = set(data["modules_to_save"] or []) | {n.split(".")[-1] for n in tuned._saved_modules}
+        data["modules_to_save"] = sorted(saved) or None
+    if data.get("base_model_name_or_path") is None:
+        data["base_model_name_or_path"] = getattr(getattr(model, "config", None), "_name_or_path", None) or None
+    with open(os.path.join(save_directory, CONFIG_NAME), "w") as f:
+        json.dump(data, f, indent=2, sort_keys=True)
+    extra = {k: v for k, v in config.to_dict().items() if k not in data and k != "tokenizer"}
+    if extra:
+        with open(os.path.join(save_directory, EXTRA_CONFIG_NAME), "w") as f:
+            json.dump(extra, f, indent=2, sort_keys=True)
+    if safe_serialization:
+        save_file(tensors, os.path.join(save_directory, WEIGHTS_NAME), metadata={"format": "pt"})
+    else:
+        torch.save(tensors, os.path.join(save_directory, BIN_NAME))
+
+
+# -- loading ---------------------------------------------------------------------------------
+def read_adapter(directory, *, allow_bin: bool = False) -> tuple[TuningConfig, dict[str, torch.Tensor]]:
+    """(config, tensors) of an adapter directory. ``.bin`` only with ``allow_bin=True`` (read
+    with ``torch.load(weights_only=True)``)."""
+    path = os.path.join(directory, CONFIG_NAME)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"load_adapter: no {CONFIG_NAME} in {directory}")
+    with open(path) as f:
+        data = json.load(f)
+    extra_path = os.path.join(directory, EXTRA_CONFIG_NAME)
+    if os.path.isfile(extra_path):
+        with open(extra_path) as f:
+            data = {**json.load(f), **data}
+    for unsupported in ("use_dora", "rank_pattern", "alpha_pattern", "layer_replication", "lora_bias"):
+        if data.get(unsupported):
+            raise ValueError(f"load_adapter: LoRA option {unsupported}={data[unsupported]!r} is not supported")
+    config = TuningConfig.from_dict(data)
+    weights = os.path.join(directory, WEIGHTS_NAME)
+    if os.path.isfile(weights):
+        from safetensors.torch import load_file
+
+        tensors = load_file(weights)
+    elif os.path.isfile(os.path.join(directory, BIN_NAME)):
+        if not allow_bin:
+            raise ValueError(f"load_adapter: {directory} holds only {BIN_NAME}; pickled weights load only on "
+                             "explicit request (allow_bin=True, read with weights_only=True)")
+        tensors = torch.load(os.path.join(directory, BIN_NAME), map_location="cpu", weights_only=True)
+    else:
+        raise FileNotFoundError(f"load_adapter: no {WEIGHTS_NAME} in {directory}")
+    return config, tensors
+
+
+def _check_shapes(what: str, expected: dict[str, tuple], tensors: dict[str, torch.Tensor]) -> None:
+    unexpected = sorted(set(tensors) - set(expected))
+    missing = sorted(set(expected) - set(tensors))
+    wrong = [f"{k}: file {tuple(tensors[k].shape)} vs model {expected[k]}" for k in expected
+             if k in tensors and tuple(tensors[k].shape) != expected[k]]
+    if unexpected or missing or wrong:
+        parts = []
+        if wrong:
+            parts.append(f"shapes differ ({'; '.join(wrong[:4])})")
+        if unexpected:
+            parts.append(f"keys the model does not have {unexpected[:4]}")
+        if missing:
+            parts.append(f"keys missing from the file {missing[:4]}")
+        raise ValueError(f"load_adapter: the {what} adapter does not fit this model: " + ", ".join(parts))
+
+
+def load_adapter(model: nn.Module, directory, *, is_trainable: bool = False, allow_bin: bool = False,
+                 fused_attention: bool = True):
+    """Load an adapter saved here or by PEFT onto ``model`` (a transformers model); returns
+    the ``TunedModel``. ``is_trainable=False`` puts it in eval mode with its parameters frozen.
+    An adapter that does not fit the model raises ``ValueError`` with the model unchanged.
+
+    Equivalent PEFT::
+
+        peft.PeftModel.from_pretrained(model, directory)
+    """
+    from .model import TunedModel, tune
+
+    if isinstance(model, TunedModel):
+        raise TypeError("load_adapter: the model is already tuned; call unload() first")
+    config, tensors = read_adapter(directory, allow_bin=allow_bin)
+    config = copy.copy(config)
+    config.inference_mode = not is_trainable
+    if getattr(config, "modules_to_save", None):
+        # PEFT writes every classifier name it knows (["classifier", "score"]); keep those present
+        names = [n for n, _ in model.named_modules() if n]
+        config.modules_to_save = [t for t in config.modules_to_save
+                                  if any(n == t or n.endswith("." + t) for n in names)] or None
+    if isinstance(config, FullFineTuningConfig):
+        return _load_full(model, config, tensors, is_trainable, fused_attention)
+    if isinstance(config, PrefixTuningConfig):
+        config.prefix_projection = False  # the file holds the encoder's output
+    if isinstance(config, LoraConfig):
+        _precheck_lora(model, config, tensors)
+    try:
+        tuned = tune(model, config, fused_attention=fused_attention)
+    except ValueError as err:
+        raise ValueError(f"load_adapter: the {config.peft_type} adapter in {directory} does not fit "
+                         f"{type(model).__name__}: {err}") from None
+    try:
+        _fill(tuned, config, tensors)
+    except BaseException:
+        tuned.unload()
+        raise
+    if not is_trainable:
+        for p in tuned.parameters():
+            p.requires_grad_(False)
+        tuned.eval()
+    return tuned
+
+
+def _precheck_lora(model, config: LoraConfig, tensors) -> None:
+    from .lora import resolve_target_names
+    from .model import _modules_to_save
+
+    try:
+        names = resolve_target_names(model, config)
+        keep = _modules_to_save(model, config)
+    except ValueError as err:
+        raise ValueError(f"load_adapter: the LoRA adapter does not fit {type(model).__name__}: {err}") from None
+    modules = dict(model.named_modules())
+    expected = {}
+    for name in names:
+        m = modules[name]
+        out_f, in_f = (m.weight.shape[::-1] if type(m).__name__ == "Conv1D" else m.weight.shape)
+        expected[f"{PREFIX}{name}.lora_A.weight"] = (config.r, int(in_f))
+        expected[f"{PREFIX}{name}.lora_B.weight"] = (int(out_f), config.r)
+        if m.bias is not None and f"{PREFIX}{name}.base_layer.bias" in tensors:
+            expected[f"{PREFIX}{name}.base_layer.bias"] = tuple(m.bias.shape)
+    for name in keep:
+        for key, value in modules[name].state_dict().items():
+            if f"{PREFIX}{name}.{key}" in tensors:
+                expected[f"{PREFIX}{name}.{key}"] = tuple(value.shape)
+    for key in tensors:
+        if key.startswith(PREFIX) and key.endswith(".bias") and key not in expected:
+            owner = key[len(PREFIX):-len(".bias")]
+            bias = getattr(modules.get(owner), "bias", None)
+            if isinstance(bias, torch.Tensor):
+                expected[key] = tuple(bias.shape)
+    _check_shapes("LoRA", expected, tensors)
+
+
+def _fill(tuned, config, tensors) -> None:
+    model = tuned.base_model
+    if isinstance(config, (PromptTuningConfig, PrefixTuningConfig)):
+        encoder = tuned.prompt_encoder if isinstance(config, PromptTuningConfig) else tuned.prefix_encoder
+        expected = {"prompt_embeddings": tuple(encoder.embedding.weight.shape)}
+        expected.update({k: tuple(v.shape) for k, v in _saved_module_state(tuned).items()
+                         if k in tensors})
+        _check_shapes(config.peft_type, expected, tensors)
+        with torch.no_grad():
+            encoder.embedding.weight.copy_(tensors["prompt_embeddings"])
+    params = {_module_prefix(config) + k: v for k, v in model.state_dict(keep_vars=True).items()}
+    layers = {n for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+    with torch.no_grad():
+        for key, value in tensors.items():
+            if key == "prompt_embeddings":
+                continue
+            target = key
+            if key.endswith(".lora_A.weight") or key.endswith(".lora_B.weight"):
+                target = key[: -len(".weight")]
+            elif ".base_layer." in key and key.split(".base_layer.")[0][len(PREFIX):] in layers:
+                target = key.replace(".base_layer.", ".")
+            if target not in params:
+                raise ValueError(f"load_adapter: key {key} has no place in {type(model).__name__}")
+            params[target].copy_(value)
+
+
+def _saved_module_state(tuned) -> dict[str, torch.Tensor]:
+    out, prefix = {}, _module_prefix(tuned.config_tuning)
+    for name in tuned._saved_modules:
+        for key, value in tuned.base_model.get_submodule(name).state_dict().items():
+            out[f"{prefix}{name}.{key}"] = value
+    return out
+
+
+def _load_full(model, config, tensors, is_trainable, fused_attention):
+    from .model import tune
+
+    state = model.state_dict()
+    expected = {k: tuple(v.shape) for k, v in _dedup(state).items()}
+    extra = {k: tuple(state[k].shape) for k in tensors if k in state and k not in expected}
+    _check_shapes("full fine-tuning", {**expected, **extra}, tensors)
+    tuned = tune(model, config, fused_attention=fused_attention)
+    with torch.no_grad():
+        for key, value in tensors.items():
+            state[key].copy_(value)
+    if not is_trainable:
+        for p in tuned.parameters():
+            p.requires_grad_(False)
+        tuned.eval()
+    return tuned

@@ -1,0 +1,60 @@
+"""Shared by the prefix_attention tests: random inputs and the check of a forward/backward
+pair against the float64 oracle (the tolerance rule of helpers.py)."""
+
+from __future__ import annotations
+
+import torch
+from helpers import assert_close_to_reference
+
+from lora_kernels.reference.prefix_attention import oracle
+
+NAMES = ("q", "k", "v", "prefix_k", "prefix_v")
+
+
+def make_inputs(B, Hq, Hkv, Lq, Lk, P, D, dtype, *, per_row=False, pad=False, shared_3d=False):
+    """Random inputs; with ``pad`` row 0 of the key padding mask is fully padded and the
+    others keep about 70 % of the keys (at least one)."""
+    q = torch.randn(B, Hq, Lq, D, dtype=dtype)
+    k = torch.randn(B, Hkv, Lk, D, dtype=dtype)
+    v = torch.randn(B, Hkv, Lk, D, dtype=dtype)
+    pk = pv = None
+    if P > 0:
+        shape = (B, Hkv, P, D) if per_row else ((Hkv, P, D) if shared_3d else (1, Hkv, P, D))
+        pk, pv = torch.randn(shape, dtype=dtype), torch.randn(shape, dtype=dtype)
+    mask = None
+    if pad:
+        mask = torch.rand(B, Lk) > 0.3
+        mask[:, -1] = True
+        mask[0] = False
+    return dict(q=q, k=k, v=v, prefix_k=pk, prefix_v=pv, key_padding_mask=mask)
+
+
+def oracle_out_and_grads(inputs, causal, scale, dout, dtype):
+    """Output and gradients of the oracle with the float tensors cast to ``dtype``."""
+    tensors = {n: (None if inputs[n] is None else
+                   inputs[n].detach().to(dtype).requires_grad_()) for n in NAMES}
+    out = oracle(**tensors, key_padding_mask=inputs["key_padding_mask"], causal=causal,
+                 scale=scale)
+    present = [n for n in NAMES if tensors[n] is not None]
+    grads = torch.autograd.grad(out, [tensors[n] for n in present], dout.to(dtype))
+    return out, dict(zip(present, grads))
+
+
+def check_against_oracle(got_out, got_grads, inputs, causal, scale, dout):
+    """``got_out`` and ``got_grads`` (name -> tensor) against the float64 oracle, with the
+    same-dtype oracle as the baseline."""
+    dtype = inputs["q"].dtype
+    ref_out, ref_grads = oracle_out_and_grads(inputs, causal, scale, dout, torch.float64)
+    base_out, base_grads = oracle_out_and_grads(inputs, causal, scale, dout, dtype)
+    # fp32: the fused kernels reduce the prefix gradient over batch x heads x queries and use
+    # FlashAttention's delta = rowsum(dO * O); seen up to ~16 ulps of |ref| above twice the
+    # (very accurate) fp32 oracle, hence a floor of 32 ulps instead of 8 there.
+    floor_eps = 32.0 if dtype == torch.float32 else 8.0
+    assert got_out.dtype == dtype
+    assert_close_to_reference(got_out, ref_out, base_out, "out", floor_eps=floor_eps)
+    for n, ref in ref_grads.items():
+        got = got_grads[n]
+        assert got is not None, f"d{n} missing"
+        assert got.dtype == dtype, f"d{n}: dtype {got.dtype}"
+        assert_close_to_reference(got.reshape(ref.shape), ref, base_grads[n], f"d{n}",
+                                  floor_eps=floor_eps)

@@ -1,0 +1,91 @@
+"""The torch backend of lora_linear (forward + hand-written backward) against float64 autograd of
+the plain formula, with the dropout mask it regenerates from the seed."""
+
+import pytest
+import torch
+from lora_helpers import check_against_reference, formula_grads, make_inputs, mask_of
+
+from lora_kernels.reference import lora_linear as ref
+
+DTYPE_PAIRS = [  # (x dtype, adapter dtype)
+    (torch.float32, torch.float32),
+    (torch.float16, torch.float16),
+    (torch.bfloat16, torch.bfloat16),
+    (torch.bfloat16, torch.float32),
+    (torch.float16, torch.float32),
+]
+SHAPES = [(1, 5, 48, 1), (7, 123, 5, 8), (97, 48, 123, 64), (13, 33, 17, 4)]
+
+
+def _run(inputs, scaling, p, seed, dy, needs=(True,) * 5):
+    x, w, b, a, bb = inputs
+    y, s = ref.forward(x, w, b, a, bb, scaling, p, seed)
+    grads = ref.backward(dy, x, w, a, bb, s, scaling, p, seed, needs)
+    return y, s, list(grads)
+
+
+@pytest.mark.parametrize("dtypes", DTYPE_PAIRS, ids=lambda d: f"{d[0]}-{d[1]}".replace("torch.", ""))
+@pytest.mark.parametrize("T,in_f,out_f,r", SHAPES)
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_forward_backward_match_float64_formula(dtypes, T, in_f, out_f, r, p):
+    dtype, adt = dtypes
+    inputs = make_inputs(T, in_f, out_f, r, dtype, adapter_dtype=adt, bias=T % 2 == 1,
+                         transposed_w=in_f == 123, strided_x=T == 97)
+    dy = torch.randn(T, out_f, dtype=dtype)
+    y, s, grads = _run(inputs, 0.75, p, 1234, dy)
+    keep = mask_of("torch", T, in_f, p, 1234)
+    if inputs[2] is None:
+        grads[2] = None
+    check_against_reference([y, *grads], inputs, 0.75, dy, keep, p)
+    assert s.dtype == torch.float32
+
+
+def test_float64_is_exact_to_rounding():
+    inputs = make_inputs(11, 19, 23, 5, torch.float64)
+    dy = torch.randn(11, 23, dtype=torch.float64)
+    y, s, grads = _run(inputs, 2.0, 0.25, 7, dy)
+    keep = mask_of("torch", 11, 19, 0.25, 7)
+    ref64 = formula_grads(inputs, 2.0, dy, keep, 0.25, torch.float64)
+    assert s.dtype == torch.float64
+    for got, want in zip([y, *grads], ref64):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("needs", [(False, False, False, True, True), (True, False, False, True, True),
+                                   (True, True, True, False, False), (False, True, False, False, True)])
+def test_only_needed_gradients_are_computed(needs):
+    inputs = make_inputs(9, 12, 10, 3, torch.float32)
+    dy = torch.randn(9, 10)
+    _, _, grads = _run(inputs, 0.5, 0.2, 3, dy, needs)
+    keep = mask_of("torch", 9, 12, 0.2, 3)
+    want = formula_grads(inputs, 0.5, dy, keep, 0.2, torch.float64, needs)[1:]
+    for need, g, w in zip(needs, grads, want):
+        assert (g is None) == (not need)
+        if need:
+            torch.testing.assert_close(g.double(), w, rtol=1e-4, atol=1e-4)
+
+
+def test_mask_spans_several_chunks(monkeypatch):
+    """With small chunks the mask is drawn chunk by chunk; forward and backward agree."""
+    monkeypatch.setattr(ref, "CHUNK_ELEMENTS", 40)  # 40 // 13 = 3 rows per chunk
+    inputs = make_inputs(10, 13, 6, 2, torch.float32)
+    dy = torch.randn(10, 6)
+    y, s, grads = _run(inputs, 1.5, 0.4, 99, dy)
+    keep = mask_of("torch", 10, 13, 0.4, 99)
+    chunks = keep.split(3)
+    assert not all(torch.equal(chunks[0], c) for c in chunks[1:3])  # not one chunk's mask repeated
+    check_against_reference([y, *grads], inputs, 1.5, dy, keep, 0.4)
+
+
+def test_s_is_dropped_input_times_A_transpose():
+    x, w, b, a, bb = make_inputs(8, 16, 4, 3, torch.float32)
+    _, s = ref.forward(x, w, b, a, bb, 1.0, 0.5, 5)
+    keep = mask_of("torch", 8, 16, 0.5, 5)
+    torch.testing.assert_close(s, (x * keep / 0.5) @ a.t())
+
+
+def test_no_dropout_ignores_the_seed():
+    inputs = make_inputs(6, 8, 5, 2, torch.float32)
+    y1, _ = ref.forward(*inputs, 1.0, 0.0, 1)
+    y2, _ = ref.forward(*inputs, 1.0, 0.0, 2)
+    assert torch.equal(y1, y2)

@@ -1,0 +1,158 @@
+"""accelerate(peft_model): PEFT's LoRA layers run on lora_linear with the same outputs and
+gradients, the same state-dict keys and saved files, and can be undone."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+
+from lora_kernels.integrations.peft import accelerate, restore  # noqa: E402
+
+
+def _gpt2(seed=0):
+    torch.manual_seed(seed)
+    cfg = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=97, n_positions=64,
+                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    return transformers.GPT2LMHeadModel(cfg)
+
+
+def _llama(seed=0):
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(num_hidden_layers=2, hidden_size=32, intermediate_size=48,
+                                   num_attention_heads=4, num_key_value_heads=2, vocab_size=97)
+    return transformers.LlamaForCausalLM(cfg)
+
+
+TARGETS = {"gpt2": ["c_attn", "c_proj", "c_fc"], "llama": ["q_proj", "v_proj", "down_proj"]}
+
+
+def _peft_model(family, dropout=0.0, **extra):
+    base = _gpt2() if family == "gpt2" else _llama()
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules=TARGETS[family],
+                          init_lora_weights=False, **extra)
+    return peft.get_peft_model(base, cfg)
+
+
+def _loss_and_grads(model, ids):
+    model.zero_grad(set_to_none=True)
+    out = model(input_ids=ids, labels=ids)
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+    return out.logits.detach(), grads
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_outputs_and_grads_equal_peft(family, dtype):
+    model = _peft_model(family).to(dtype)
+    ids = torch.randint(0, 97, (3, 11))
+    ref_logits, ref_grads = _loss_and_grads(model, ids)
+    handle = accelerate(model)
+    n_lora = sum(isinstance(m, peft.tuners.lora.LoraLayer) for m in model.modules())
+    assert len(handle.lora_layers) == n_lora > 0 and not handle.skipped
+    logits, grads = _loss_and_grads(model, ids)
+    tol = {torch.float32: 2e-5, torch.float64: 1e-10}[dtype]
+    torch.testing.assert_close(logits, ref_logits, rtol=tol, atol=tol)
+    assert grads.keys() == ref_grads.keys()
+    for n in grads:
+        torch.testing.assert_close(grads[n], ref_grads[n], rtol=10 * tol, atol=10 * tol, msg=n)
+
+
+def test_calls_lora_linear(monkeypatch):
+    import lora_kernels.integrations.peft as mod
+
+    calls = []
+    real = mod.lora_linear
+    monkeypatch.setattr(mod, "lora_linear", lambda *a, **k: calls.append(k) or real(*a, **k))
+    model = _peft_model("gpt2", dropout=0.1)
+    accelerate(model)
+    model(input_ids=torch.randint(0, 97, (2, 5)))
+    assert len(calls) == 8  # c_attn, attn.c_proj, c_fc, mlp.c_proj in 2 blocks
+    assert {c["fan_in_fan_out"] for c in calls} == {True}  # GPT-2's Conv1D layout
+
+
+def test_dropout_trains_and_eval_is_deterministic():
+    model = _peft_model("llama", dropout=0.3)
+    ids = torch.randint(0, 97, (2, 7))
+    model.eval()
+    ref = model(input_ids=ids).logits
+    with accelerate(model):
+        torch.testing.assert_close(model(input_ids=ids).logits, ref, rtol=2e-5, atol=2e-5)
+        model.train()
+        _, grads = _loss_and_grads(model, ids)
+        assert all(torch.isfinite(g).all() and g.abs().sum() > 0 for g in grads.values())
+
+
+def test_keys_params_and_saved_files_unchanged(tmp_path):
+    model = _peft_model("gpt2")
+    keys = list(model.state_dict().keys())
+    params = {n: p for n, p in model.named_parameters()}
+    model.save_pretrained(tmp_path / "before")
+    handle = accelerate(model)
+    assert list(model.state_dict().keys()) == keys
+    assert {n: p for n, p in model.named_parameters()} == params  # same Parameter objects
+    model.save_pretrained(tmp_path / "after")
+    for f in ("adapter_config.json", "adapter_model.safetensors"):
+        assert (tmp_path / "before" / f).read_bytes() == (tmp_path / "after" / f).read_bytes()
+    handle.restore()
+    assert list(model.state_dict().keys()) == keys
+
+
+def test_restore_and_context_manager():
+    model = _peft_model("llama")
+    layers = [m for m in model.modules() if "forward" in m.__dict__]
+    assert not layers
+    with accelerate(model) as h:
+        assert sum("forward" in m.__dict__ for m in model.modules()) == len(h.lora_layers) > 0
+    assert not any("forward" in m.__dict__ for m in model.modules())
+    accelerate(model)
+    accelerate(model)  # twice: the first is undone first
+    restore(model)
+    assert not any("forward" in m.__dict__ for m in model.modules())
+    restore(model)  # idempotent
+
+
+def test_merged_and_disabled_follow_peft():
+    model = _peft_model("gpt2")
+    ids = torch.randint(0, 97, (2, 6))
+    accelerate(model)
+    with torch.no_grad():
+        with model.disable_adapter():
+            base = model(input_ids=ids).logits
+        lora = model(input_ids=ids).logits
+        model.merge_adapter()
+        merged = model(input_ids=ids).logits
+        model.unmerge_adapter()
+    assert (base - lora).abs().max() > 1e-3
+    torch.testing.assert_close(merged, lora, rtol=1e-4, atol=1e-4)
+
+
+def test_unsupported_left_on_peft_path_and_reported_once(caplog):
+    model = _peft_model("llama", use_dora=True)
+    ids = torch.randint(0, 97, (2, 6))
+    ref = model(input_ids=ids).logits
+    with caplog.at_level(logging.WARNING, logger="lora_kernels.integrations.peft"):
+        handle = accelerate(model)
+    assert not handle.lora_layers and len(handle.skipped) == 6
+    assert all("DoRA" in r for r in handle.skipped.values())
+    warnings = [r for r in caplog.records if r.name == "lora_kernels.integrations.peft"]
+    assert len(warnings) == 1 and "DoRA" in warnings[0].getMessage()
+    torch.testing.assert_close(model(input_ids=ids).logits, ref)
+
+
+def test_two_active_adapters_stay_on_peft():
+    model = _peft_model("gpt2")
+    model.add_adapter("second", peft.LoraConfig(r=2, target_modules=["c_attn"], init_lora_weights=False))
+    model.base_model.set_adapter(["default", "second"])
+    handle = accelerate(model)
+    assert any("active adapters" in r for r in handle.skipped.values())
+
+
+def test_rejects_non_module():
+    with pytest.raises(TypeError, match="expected a torch.nn.Module"):
+        accelerate("not a model")
