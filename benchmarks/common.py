@@ -37,6 +37,11 @@ def _use_mmap_for_large_allocations() -> None:
         _mmap_threshold_set = True
 
 
+# Applied at import, before any benchmark allocates: a threshold set after large tensors were
+# freed would leave their pages in the heap and hide later peaks.
+_use_mmap_for_large_allocations()
+
+
 def _proc_status_bytes(key: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:
