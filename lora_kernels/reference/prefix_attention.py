@@ -8,11 +8,15 @@ Two things live here.
 - :func:`forward` / :func:`backward`: the torch backend of the op (the backend contract of the
   package). Nothing is concatenated or expanded per batch row: the sequence part runs through
   PyTorch's CPU flash-attention kernel (``aten._scaled_dot_product_flash_attention_for_cpu``,
-  which returns the log-sum-exp and reads grouped-query heads without copies; its causal fast
-  path when there is no padding and ``Lq == Lk``), the prefix part through small batched
-  matmuls, and the two are merged with their log-sum-exps. The backward is the
+  which returns the log-sum-exp and reads grouped-query heads without copies), causal
+  attention split into query chunks that attend only the keys they can see (the kernel costs
+  Lq * Lk whether causal or not); the prefix part is a second flash call on the stride-0
+  expanded prefix (a view, no copy); the two are merged with their log-sum-exps (one lerp).
+  Off the CPU the backend runs the oracle (the triton and cuda backends are the fast ones). The backward is the
   FlashAttention one, split the same way: with the *merged* output and log-sum-exp, the flash
-  backward of the sequence part gives exactly the sequence part of the full gradient.
+  backward of each part gives exactly that part of the full gradient (causal squares without
+  padding split their keys into blocks, each seen top-left causally by the queries from its
+  first key on).
 """
 
 from __future__ import annotations
@@ -248,9 +252,23 @@ def backward(dout, q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse, caus
     else:
         dpk = dpv = None
     dk = dv = None
+    chunks = _causal_chunks(Lq, Lk, causal, MAX_CHUNKS_BACKWARD) if Lk > 0 else []
+    if len(chunks) > 1 and key_padding_mask is None and Lq == Lk:
+        # causal square without padding: split the *keys* instead. Key block [s, e) is seen
+        # by queries [s, Lq) only, and in those local coordinates the mask is top-left causal
+        # (the kernel's fast path); its dK/dV come out whole, dQ adds up over the blocks.
+        dq = torch.zeros(q.shape, dtype=acc, device=q.device) if dq is None else dq
+        dks, dvs = [], []
+        for s, e, _ in chunks:
+            g = _flash_bwd(dout[:, :, s:], q[:, :, s:], k[:, :, s:e], v[:, :, s:e],
+                           out[:, :, s:], lse_b[:, :, s:], 0.0, True, scale=scale)
+            dq[:, :, s:] += g[0]
+            dks.append(g[1])
+            dvs.append(g[2])
+        return dq.to(q.dtype), torch.cat(dks, 2), torch.cat(dvs, 2), dpk, dpv
     if Lk > 0:
         # the last chunk covers every key: its gradients are the accumulators of dk, dv
-        for a, b, e in reversed(_causal_chunks(Lq, Lk, causal, MAX_CHUNKS_BACKWARD)):
+        for a, b, e in reversed(chunks):
             kpm = None if key_padding_mask is None else key_padding_mask[:, :e]
             is_causal, bias, _ = _sequence_bias(q[:, :, a:b], e, kpm, causal)
             g = _flash_bwd(dout[:, :, a:b], q[:, :, a:b], k[:, :, :e], v[:, :, :e],
