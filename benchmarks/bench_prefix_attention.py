@@ -19,7 +19,6 @@ to stdout and JSON to benchmarks/results/prefix_attention_<device>.json.
 from __future__ import annotations
 
 import argparse
-import ctypes
 import statistics
 import sys
 from pathlib import Path
@@ -82,24 +81,6 @@ def available(provider, q, k, v, prefix_k, prefix_v) -> str | None:
     return "; ".join(reasons) or None
 
 
-# CPU allocator set-up. common.peak_memory_bytes has glibc serve every allocation over 64 KiB by
-# mmap (so that freed memory leaves the resident set at once), and time_ms keeps that setting:
-# then every temporary tensor page-faults afresh, which a training process never sees (glibc
-# raises its mmap threshold to the sizes it frees, up to 32 MiB, and reuses heap memory). We
-# time with the threshold at that 32 MiB steady state and measure memory with 64 KiB.
-_M_MMAP_THRESHOLD = -3
-
-
-def _cpu_mmap_threshold(nbytes: int) -> None:
-    import common
-
-    common._mmap_threshold_set = True  # we manage the setting from here on
-    try:
-        ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, nbytes)
-    except OSError:
-        pass
-
-
 def make_fn(provider, mode, inputs):
     """The call to measure: fwd (no autograd), bwd (backward of a kept graph), full."""
     q, k, v, pk, pv = inputs
@@ -143,7 +124,7 @@ def run(args):
     providers = args.providers
     cases = [(shape, mode) for shape in shapes for mode in args.modes]
     skipped, memory = {}, {}
-    # 1. peak memory of every case first (on the CPU before any timing: see _cpu_mmap_threshold)
+    # 1. peak memory of every case
     for shape, mode in cases:
         inputs = make_inputs(shape, device, dtype)
         for p in providers:
@@ -151,14 +132,10 @@ def run(args):
             if why:
                 skipped[(shape, p)] = why
                 continue
-            if device.type == "cpu":
-                _cpu_mmap_threshold(64 << 10)
             memory[(shape, mode, p)] = peak_memory_bytes(make_fn(p, mode, inputs), device)
         del inputs
     # 2. times: rounds alternate the providers, so that a noisy machine hits them alike; per
     # round a median over reps; reported: the median (and median quantiles) over the rounds
-    if device.type == "cpu":
-        _cpu_mmap_threshold(32 << 20)
     rows = []
     for shape, mode in cases:
         inputs = make_inputs(shape, device, dtype)
