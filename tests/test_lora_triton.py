@@ -64,6 +64,13 @@ def test_broadcast_gradient_with_zero_strides():
     torch.testing.assert_close(dB, torch.ones(7, 9) @ s, rtol=1e-4, atol=1e-4)
 
 
+def test_strided_and_expanded_bias():
+    """A bias that is a strided view or an expanded scalar (stride 0) is read by its strides."""
+    x, w, _, a, bb = make_inputs(9, 20, 7, 4, torch.float32)
+    for b in (torch.randn(14)[::2], torch.randn(1).expand(7)):
+        _run_and_check((x, w, b, a, bb), 0.5, 0.0, 0, ALL, torch.float32, 9, 7, 20)
+
+
 def test_dropout_fraction_and_scale():
     keep = mask_of("triton", 64, 256, 0.3, 123)
     frac = 1 - keep.float().mean().item()

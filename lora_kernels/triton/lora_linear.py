@@ -167,7 +167,7 @@ def _fwd_gemm(
     scaling,
     T, IN, OUT, R, T_KEY,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_sm, stride_sr,
-    stride_bn, stride_br, stride_ym, stride_yn,
+    stride_bn, stride_br, stride_ym, stride_yn, stride_bias,
     HAS_BIAS: tl.constexpr, CT_BASE: tl.constexpr, CT_LORA: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -194,7 +194,7 @@ def _fwd_gemm(
                      mask=(rn[None, :] < OUT) & (kk[:, None] < IN), other=0.0)
         acc = _mma(xt, wt, acc, CT_BASE)
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + rn, mask=rn < OUT, other=0.0).to(tl.float32)[None, :]
+        acc += tl.load(bias_ptr + rn * stride_bias, mask=rn < OUT, other=0.0).to(tl.float32)[None, :]
     tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :] * stride_yn,
              _to_out(acc, y_ptr.dtype.element_ty), mask=(rm[:, None] < T) & (rn[None, :] < OUT))
 
@@ -362,6 +362,7 @@ def _forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
         x, weight, bias if bias is not None else y, s, lora_B, y, float(scaling), T, IN, OUT, R, _t_key(T),
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), s.stride(0), s.stride(1),
         lora_B.stride(0), lora_B.stride(1), y.stride(0), y.stride(1),
+        bias.stride(0) if bias is not None else 0,
         HAS_BIAS=bias is not None, CT_BASE=_ct(x.dtype), CT_LORA=_ct(lora_B.dtype),
         BLOCK_R=min(block_r, 64),
     )
