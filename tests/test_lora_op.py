@@ -108,6 +108,24 @@ def test_fp32_adapters_over_half_base(backend, dtype):
                             None, 0.0, (True, False, False, True, True))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_autocast_runs_base_in_autocast_dtype(backend):
+    """Under autocast the base matmul runs in the autocast dtype, as F.linear's would (inputs
+    cast, adapters kept), and the backward, even inside the autocast region, still works."""
+    inputs = make_inputs(13, 24, 10, 4, torch.float32)
+    x, w, b, a, bb = _leaves(inputs, (True, False, False, True, True))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = lora_linear(x, w, b, a, bb, 2.0, 0.2, seed=5, backend=backend)
+        assert y.dtype == torch.bfloat16
+        dy = torch.randn_like(y)
+        y.backward(dy)
+    assert x.grad.dtype == torch.float32 and a.grad.dtype == torch.float32
+    cast = [t.detach().to(torch.bfloat16) for t in inputs[:3]] + list(inputs[3:])
+    keep = mask_of(backend, 13, 24, 0.2, 5)
+    check_against_reference([y.detach(), x.grad.to(torch.bfloat16), None, None, a.grad, bb.grad],
+                            cast, 2.0, dy, keep, 0.2, (True, False, False, True, True))
+
+
 def test_frozen_everything_but_adapters_gives_no_base_grads():
     x, w, b, a, bb = _leaves(make_inputs(4, 6, 5, 2, torch.float32), (False, False, False, True, True))
     lora_linear(x, w, b, a, bb, 1.0, 0.1, seed=1).sum().backward()

@@ -57,6 +57,28 @@ def _s_dtype(adapter_dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(adapter_dtype, torch.float32)
 
 
+def _no_autocast(x: Tensor):
+    """The backends compute in their inputs' dtypes: autocast must not recast inside them (it
+    would hand the torch backend's addmm a bf16 x and an fp32 weight)."""
+    return torch.autocast(x.device.type, enabled=False)
+
+
+def _autocast_cast(x, weight, bias):
+    """Under autocast, x, weight and bias in the autocast dtype, as F.linear would take them
+    (float64 left alone, as autocast does); the adapters keep their dtype."""
+    device_type = x.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return x, weight, bias
+    dtype = torch.get_autocast_dtype(device_type)
+
+    def cast(t):
+        if not isinstance(t, Tensor) or not t.is_floating_point() or t.dtype == torch.float64:
+            return t  # left for _check_args to judge
+        return t.to(dtype)
+
+    return cast(x), cast(weight), cast(bias)
+
+
 # ----------------------------------------------------------------------------- custom ops
 
 
@@ -67,7 +89,9 @@ def _lora_linear_op(
 ) -> tuple[Tensor, Tensor]:
     """x (T, in), weight (out, in), bias (out,)?, lora_A (r, in), lora_B (out, r)
     -> y (T, out), s (T, r)."""
-    return _backend_module(backend).forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
+    with _no_autocast(x):
+        return _backend_module(backend).forward(x, weight, bias, lora_A, lora_B, scaling,
+                                                dropout_p, seed)
 
 
 @_lora_linear_op.register_fake
@@ -83,9 +107,10 @@ def _lora_linear_backward_op(
     scaling: float, dropout_p: float, seed: int, needs: list[bool], backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients (dx, dweight, dbias, dA, dB); an empty tensor where ``needs`` is False."""
-    grads = _backend_module(backend).backward(
-        dy, x, weight, lora_A, lora_B, s, scaling, dropout_p, seed, tuple(needs)
-    )
+    with _no_autocast(x):
+        grads = _backend_module(backend).backward(
+            dy, x, weight, lora_A, lora_B, s, scaling, dropout_p, seed, tuple(needs)
+        )
     return tuple(g if g is not None else dy.new_empty(0) for g in grads)
 
 
@@ -212,6 +237,9 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, *, trai
             ``torch.compile`` with dropout, pass a seed: drawing one breaks the graph).
         backend: "auto", "torch", "triton" or "cuda" (see :mod:`lora_kernels.backends`).
 
+    Under ``torch.autocast`` x, weight and bias are first cast to the autocast dtype (as
+    ``F.linear`` would take them; the adapters keep theirs), so y comes in that dtype.
+
     Returns: (..., out) in x's dtype. Gradients flow to x, weight, bias, lora_A and lora_B
     (weight and bias gradients are computed only when they require grad).
 
@@ -220,6 +248,8 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, *, trai
         w = weight.t() if fan_in_fan_out else weight
         y = F.linear(x, w, bias) + scaling * F.dropout(x, dropout_p, training) @ lora_A.t() @ lora_B.t()
     """
+    if isinstance(x, Tensor):
+        x, weight, bias = _autocast_cast(x, weight, bias)
     in_features, out_features = _check_args(
         x, weight, bias, lora_A, lora_B, scaling, dropout_p, training, fan_in_fan_out, seed
     )
