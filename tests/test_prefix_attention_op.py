@@ -52,6 +52,20 @@ def test_prefix_changes_the_output(backend):
     assert (with_prefix - without).abs().max() > 0.1
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("B,Lq,Lk,P,causal", [(2, 0, 3, 2, True), (2, 0, 0, 2, False),
+                                              (0, 3, 4, 2, True), (2, 0, 3, 0, False)])
+def test_empty_queries_or_batch(backend, B, Lq, Lk, P, causal):
+    """No query (Lq = 0, a decode step with nothing new) or no batch row: an empty output
+    and zero gradients (PyTorch's CPU flash kernel dies of SIGFPE on Lq = 0 when called)."""
+    inputs = make_inputs(B, 2, 2, Lq, Lk, P, 8, torch.float32, per_row=True)
+    out, grads = run_op(inputs, torch.randn(B, 2, Lq, 8), causal=causal, backend=backend)
+    assert out.shape == (B, 2, Lq, 8)
+    for n, g in grads.items():
+        if inputs[n] is not None and inputs[n].numel():
+            assert g is not None and g.shape == inputs[n].shape and not g.any(), n
+
+
 def test_defaults_and_empty_prefix():
     """scale defaults to D ** -0.5; a prefix with P = 0 is no prefix; causal is on."""
     inputs = make_inputs(2, 2, 2, 5, 5, 0, 16, torch.float32)

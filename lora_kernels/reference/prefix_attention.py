@@ -193,9 +193,11 @@ def forward(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale):
             return oracle(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale,
                           return_lse=True)
     B, Hq, Lq, D = q.shape
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    if q.numel() == 0:  # PyTorch's CPU flash kernel dies of SIGFPE on Lq = 0
+        return torch.zeros_like(q), q.new_full((B, Hq, Lq), -math.inf, dtype=acc)
     Hkv, Lk = k.shape[1], k.shape[2]
     P = 0 if prefix_k is None else prefix_k.shape[2]
-    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     chunks = _causal_chunks(Lq, Lk, causal) if Lk > 0 else []
     if P == 0 and len(chunks) == 1:
         out, lse = _sequence_chunk_forward(q, k, v, key_padding_mask, causal, scale, *chunks[0])
@@ -232,6 +234,9 @@ def backward(dout, q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse, caus
     if not _cpu_flash(q):
         return _oracle_backward(dout, q, k, v, prefix_k, prefix_v, key_padding_mask, causal,
                                 scale)
+    if q.numel() == 0:  # no query: nothing flows back (and the CPU flash kernel cannot run)
+        return (torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v),
+                *(None if t is None else torch.zeros_like(t) for t in (prefix_k, prefix_v)))
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     P = 0 if prefix_k is None else prefix_k.shape[2]
