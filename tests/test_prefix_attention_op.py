@@ -180,6 +180,8 @@ BAD = {
     "batch": (dict(k=torch.randn(3, 2, 5, 8), v=torch.randn(3, 2, 5, 8)), ValueError, "batch size"),
     "head dim": (dict(k=torch.randn(2, 2, 5, 4), v=torch.randn(2, 2, 5, 4)), ValueError, "head dim"),
     "Hq % Hkv": (dict(k=torch.randn(2, 3, 5, 8), v=torch.randn(2, 3, 5, 8)), ValueError, "multiple"),
+    "head dim 0": (dict(q=torch.randn(2, 4, 3, 0), k=torch.randn(2, 2, 5, 0), v=torch.randn(2, 2, 5, 0),
+                        prefix_k=None, prefix_v=None), ValueError, "head dim D >= 1"),
     "Lq > Lk": (dict(q=torch.randn(2, 4, 6, 8)), ValueError, "Lq <= Lk"),
     "prefix_v missing": (dict(prefix_v=None), ValueError, "both or neither"),
     "prefix rank": (dict(prefix_k=torch.randn(8), prefix_v=torch.randn(8)), ValueError, "prefix_k: expected a 3-D or 4-D"),

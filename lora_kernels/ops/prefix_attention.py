@@ -170,6 +170,8 @@ def _check_inputs(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale, 
     if k.shape != v.shape:
         raise ValueError(f"k, v: expected equal shapes (B, Hkv, Lk, D), got {tuple(k.shape)} "
                          f"and {tuple(v.shape)}")
+    if D < 1:
+        raise ValueError(f"q: expected head dim D >= 1, got shape {tuple(q.shape)}")
     Bk, Hkv, Lk, Dk = k.shape
     if Bk != B:
         raise ValueError(f"k: expected batch size {B} (from q), got {Bk}")
