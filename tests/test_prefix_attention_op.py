@@ -66,6 +66,18 @@ def test_empty_queries_or_batch(backend, B, Lq, Lk, P, causal):
             assert g is not None and g.shape == inputs[n].shape and not g.any(), n
 
 
+@pytest.mark.parametrize("P,per_row", [(5, False), (0, False), (3, True)])
+def test_torch_backend_off_cpu_through_the_op(monkeypatch, P, per_row):
+    """On CUDA tensors (forced here) the torch backend recomputes the oracle for its backward;
+    inside the custom op autograd is off whatever the grad mode, so that must not need it."""
+    monkeypatch.setattr(sys.modules["lora_kernels.reference.prefix_attention"], "_cpu_flash",
+                        lambda q: False)
+    inputs = make_inputs(2, 4, 2, 5, 7, P, 8, torch.float32, per_row=per_row, pad=True)
+    dout = torch.randn(2, 4, 5, 8)
+    out, grads = run_op(inputs, dout, causal=True, backend="torch")
+    check_against_oracle(out, grads, inputs, True, 8**-0.5, dout)
+
+
 def test_defaults_and_empty_prefix():
     """scale defaults to D ** -0.5; a prefix with P = 0 is no prefix; causal is on."""
     inputs = make_inputs(2, 2, 2, 5, 5, 0, 16, torch.float32)

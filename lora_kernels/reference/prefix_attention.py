@@ -299,14 +299,19 @@ def backward(dout, q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse, caus
 
 
 def _oracle_backward(dout, q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale):
-    """Gradients by recomputing the oracle under autograd (the torch backend off the CPU)."""
-    tensors = [None if t is None else t.detach().requires_grad_()
-               for t in (q, k, v, prefix_k, prefix_v)]
-    with torch.enable_grad():
-        out = oracle(*tensors, key_padding_mask, causal, scale)
-        present = [t for t in tensors if t is not None]
-        grads = iter(torch.autograd.grad(out, present, dout))
-    return tuple(None if t is None else next(grads) for t in tensors)
+    """Gradients by recomputing the oracle under ``torch.func.vjp`` (the torch backend off the
+    CPU). Not ``torch.autograd.grad``: this runs inside a custom op, below the autograd
+    dispatch key, where no graph is recorded whatever the grad mode."""
+    tensors = [t for t in (q, k, v, prefix_k, prefix_v) if t is not None]
+
+    def run(*ts):
+        if prefix_k is None:
+            return oracle(*ts, None, None, key_padding_mask, causal, scale)
+        return oracle(*ts, key_padding_mask, causal, scale)
+
+    _, vjp = torch.func.vjp(run, *tensors)
+    grads = iter(vjp(dout.to(q.dtype)))
+    return tuple(None if t is None else next(grads) for t in (q, k, v, prefix_k, prefix_v))
 
 
 def flops(B: int, Hq: int, Lq: int, Lk: int, P: int, D: int, causal: bool) -> float:
