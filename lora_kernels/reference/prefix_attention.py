@@ -158,12 +158,6 @@ def _causal_chunks(Lq: int, Lk: int, causal: bool, max_chunks: int | None = None
     return [(a, b, b + Lk - Lq) for a, b in zip(bounds[:-1], bounds[1:])]
 
 
-def _split_heads(t: torch.Tensor, Hkv: int) -> torch.Tensor:
-    """(B, Hq, L, X) -> (B, Hkv, g*L, X): the g query heads of a kv head stacked along rows."""
-    B, Hq, L = t.shape[:3]
-    return t.reshape(B, Hkv, (Hq // Hkv) * L, *t.shape[3:])
-
-
 def _sequence_chunk_forward(q, k, v, key_padding_mask, causal, scale, a, b, e):
     """Flash attention of queries [a, b) over sequence keys [0, e): (out, lse), lse = -inf and
     out = 0 on rows without a visible key."""

@@ -368,10 +368,6 @@ def _dot_fp32(dtype: torch.dtype) -> bool:
     return dtype == torch.float32 or (INTERPRETER and dtype == torch.bfloat16)
 
 
-def _strides4(t: torch.Tensor | None) -> tuple[int, int, int, int]:
-    return (0, 0, 0, 0) if t is None else tuple(t.stride())
-
-
 def _prefix_args(prefix_k, prefix_v, q):
     """Pointers, P, and strides (batch stride 0 when shared) of the prefix."""
     if prefix_k is None or prefix_k.shape[2] == 0:
