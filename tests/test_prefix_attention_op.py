@@ -78,6 +78,23 @@ def test_torch_backend_off_cpu_through_the_op(monkeypatch, P, per_row):
     check_against_oracle(out, grads, inputs, True, 8**-0.5, dout)
 
 
+@pytest.mark.parametrize("off_cpu", [False, True])
+def test_autocast_does_not_reach_into_the_backend(monkeypatch, off_cpu):
+    """Backends compute in their inputs' dtype: an autocast region around the op changes
+    nothing (the torch backend's oracle path, used on CUDA, ran its matmuls in bf16)."""
+    if off_cpu:
+        monkeypatch.setattr(sys.modules["lora_kernels.reference.prefix_attention"], "_cpu_flash",
+                            lambda q: False)
+    inputs = make_inputs(2, 2, 2, 5, 5, 3, 16, torch.float32, per_row=True, pad=True)
+    dout = torch.randn(2, 2, 5, 16)
+    out, grads = run_op(inputs, dout, backend="torch")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out_ac, grads_ac = run_op(inputs, dout, backend="torch")
+    assert torch.equal(out_ac, out)
+    for n, g in grads.items():
+        assert (g is None and grads_ac[n] is None) or torch.equal(grads_ac[n], g), n
+
+
 def test_defaults_and_empty_prefix():
     """scale defaults to D ** -0.5; a prefix with P = 0 is no prefix; causal is on."""
     inputs = make_inputs(2, 2, 2, 5, 5, 0, 16, torch.float32)

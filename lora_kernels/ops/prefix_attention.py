@@ -73,9 +73,15 @@ def _fwd_op(
     scale: float,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    out, lse = _backend_module(backend).forward(q, k, v, prefix_k, prefix_v, key_padding_mask,
-                                                causal, scale)
+    with _no_autocast(q):
+        out, lse = _backend_module(backend).forward(q, k, v, prefix_k, prefix_v,
+                                                    key_padding_mask, causal, scale)
     return out.contiguous(), lse.to(_lse_dtype(q)).contiguous()
+
+
+def _no_autocast(q: torch.Tensor):
+    """Backends compute in their inputs' dtype; autocast must not recast inside them."""
+    return torch.autocast(q.device.type, enabled=False)
 
 
 def _lse_dtype(q: torch.Tensor) -> torch.dtype:
@@ -103,8 +109,9 @@ def _bwd_op(
     scale: float,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    dq, dk, dv, dpk, dpv = _backend_module(backend).backward(
-        dout, q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse, causal, scale)
+    with _no_autocast(q):
+        dq, dk, dv, dpk, dpv = _backend_module(backend).backward(
+            dout, q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse, causal, scale)
     if prefix_k is None:  # a custom op cannot return None: empty placeholders
         dpk, dpv = q.new_empty(0), q.new_empty(0)
     return dq.contiguous(), dk.contiguous(), dv.contiguous(), dpk.contiguous(), dpv.contiguous()
