@@ -182,6 +182,30 @@ def test_other_families_equal_eager(name):
     torch.testing.assert_close(ours(**kw).logits[keep], eager(**kw).logits[keep], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("enc_mask", [False, True])
+def test_cross_attention_with_more_queries_than_keys(enc_mask):
+    """Encoder-decoder cross-attention: the decoder (9 tokens) may be longer than the encoder
+    (4): not the op's "last Lq of Lk positions", so the plain path serves it."""
+    import transformers as tf
+
+    def bart():
+        torch.manual_seed(0)
+        return tf.BartForConditionalGeneration(tf.BartConfig(
+            encoder_layers=1, decoder_layers=1, d_model=32, encoder_attention_heads=4,
+            decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, vocab_size=100,
+            max_position_embeddings=64)).eval()
+
+    eager = bart()
+    eager.set_attn_implementation("eager")
+    ours = lk.enable_fused_attention(bart())
+    g = torch.Generator().manual_seed(2)
+    kw = {"input_ids": torch.randint(3, 100, (2, 4), generator=g),
+          "decoder_input_ids": torch.randint(3, 100, (2, 9), generator=g)}
+    if enc_mask:
+        kw["attention_mask"] = torch.tensor([[0, 1, 1, 1], [1, 1, 1, 1]])
+    torch.testing.assert_close(ours(**kw).logits, eager(**kw).logits, rtol=1e-5, atol=1e-5)
+
+
 def test_reference_extras_softcap_sinks_position_bias():
     q, k, v, pk, pv = _qkv(P=2)
     module = _module(is_causal=True)

@@ -121,8 +121,9 @@ def lora_kernels_attention(module, query, key, value, attention_mask, scaling=No
     """transformers attention function. query (B, Hq, Lq, D), key/value (B, Hkv, Lk, D)
     (not repeated for GQA), attention_mask (B, 1, Lq, Lk) bool/float or None ->
     ``(out (B, Lq, Hq, D), None)``. Fused (``prefix_attention``) when the mask is causal +
-    key padding; the plain PyTorch path otherwise, and for ``position_bias`` (T5), ``softcap``
-    (Gemma 2) and attention sinks (``s_aux``).
+    key padding; the plain PyTorch path otherwise, for more queries than keys (cross-attention
+    from a longer decoder), and for ``position_bias`` (T5), ``softcap`` (Gemma 2) and
+    attention sinks (``s_aux``).
 
     Equivalent PyTorch (no prefix, no padding)::
 
@@ -151,7 +152,9 @@ def lora_kernels_attention(module, query, key, value, attention_mask, scaling=No
     extras = {"position_bias": kwargs.get("position_bias"), "softcap": kwargs.get("softcap"),
               "sinks": kwargs.get("s_aux", kwargs.get("sinks"))}
     found = None
-    if all(v is None for v in extras.values()):
+    # more queries than keys (cross-attention from a longer decoder) is not the op's "queries
+    # are the last Lq of the Lk positions": the plain path serves it
+    if all(v is None for v in extras.values()) and query.shape[-2] <= key.shape[-2]:
         found = (is_causal, None) if attention_mask is None else decompose_mask(attention_mask, is_causal)
     if found is None:
         out = masked_attention_reference(query, key, value, prefix_k, prefix_v, attention_mask, scale,
