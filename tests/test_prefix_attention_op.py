@@ -79,20 +79,24 @@ def test_torch_backend_off_cpu_through_the_op(monkeypatch, P, per_row):
 
 
 @pytest.mark.parametrize("off_cpu", [False, True])
-def test_autocast_does_not_reach_into_the_backend(monkeypatch, off_cpu):
-    """Backends compute in their inputs' dtype: an autocast region around the op changes
-    nothing (the torch backend's oracle path, used on CUDA, ran its matmuls in bf16)."""
+def test_autocast_casts_inputs_as_sdpa_and_stays_out_of_the_backend(monkeypatch, off_cpu):
+    """Under autocast the op takes its inputs in the autocast dtype, as SDPA would (so q, k in
+    fp32 after RoPE and v in bf16 mix freely), then computes exactly as on bf16 inputs outside
+    autocast (the torch backend's oracle path, used on CUDA, must not be recast inside)."""
     if off_cpu:
         monkeypatch.setattr(sys.modules["lora_kernels.reference.prefix_attention"], "_cpu_flash",
                             lambda q: False)
     inputs = make_inputs(2, 2, 2, 5, 5, 3, 16, torch.float32, per_row=True, pad=True)
     dout = torch.randn(2, 2, 5, 16)
-    out, grads = run_op(inputs, dout, backend="torch")
+    as_bf16 = {n: (t.to(torch.bfloat16) if t is not None and t.is_floating_point() else t)
+               for n, t in inputs.items()}
+    out, grads = run_op(as_bf16, dout, backend="torch")
+    mixed = {**inputs, "v": as_bf16["v"]}  # LLaMA under autocast: q, k fp32, v bf16
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out_ac, grads_ac = run_op(inputs, dout, backend="torch")
-    assert torch.equal(out_ac, out)
+        out_ac, grads_ac = run_op(mixed, dout, backend="torch")
+    assert out_ac.dtype == torch.bfloat16 and torch.equal(out_ac, out)
     for n, g in grads.items():
-        assert (g is None and grads_ac[n] is None) or torch.equal(grads_ac[n], g), n
+        assert (g is None and grads_ac[n] is None) or torch.equal(grads_ac[n].to(g.dtype), g), n
 
 
 def test_defaults_and_empty_prefix():

@@ -182,6 +182,21 @@ def test_other_families_equal_eager(name):
     torch.testing.assert_close(ours(**kw).logits[keep], eager(**kw).logits[keep], rtol=1e-5, atol=1e-5)
 
 
+def test_llama_under_autocast_trains_on_the_fused_attention():
+    """Under autocast LLaMA hands the attention q, k in fp32 (RoPE) and v in bf16, as SDPA
+    takes them; the fused path equals eager attention under the same autocast."""
+    eager = make_model("llama", attn="eager")
+    ours = lk.enable_fused_attention(make_model("llama", attn="eager"))
+    ids, mask = _inputs("llama", "left")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        a = eager(input_ids=ids, attention_mask=mask).logits
+        b = ours(input_ids=ids, attention_mask=mask).logits
+    b.float().sum().backward()
+    keep = mask.bool()  # |logits| ~0.4; another model's differ by ~0.5; bf16 rounding ~2e-3
+    assert b.dtype == a.dtype == torch.bfloat16
+    torch.testing.assert_close(b[keep], a[keep], rtol=1.6e-2, atol=8e-3)
+
+
 @pytest.mark.parametrize("enc_mask", [False, True])
 def test_cross_attention_with_more_queries_than_keys(enc_mask):
     """Encoder-decoder cross-attention: the decoder (9 tokens) may be longer than the encoder

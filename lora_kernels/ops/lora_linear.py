@@ -17,7 +17,7 @@ import numbers
 import torch
 from torch import Tensor
 
-from .. import backends
+from .. import _autocast, backends
 from .._checks import check_dim, check_same_device, check_tensor
 
 OP = "lora_linear"
@@ -57,28 +57,6 @@ def _s_dtype(adapter_dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(adapter_dtype, torch.float32)
 
 
-def _no_autocast(x: Tensor):
-    """The backends compute in their inputs' dtypes: autocast must not recast inside them (it
-    would hand the torch backend's addmm a bf16 x and an fp32 weight)."""
-    return torch.autocast(x.device.type, enabled=False)
-
-
-def _autocast_cast(x, weight, bias):
-    """Under autocast, x, weight and bias in the autocast dtype, as F.linear would take them
-    (float64 left alone, as autocast does); the adapters keep their dtype."""
-    device_type = x.device.type
-    if not torch.is_autocast_enabled(device_type):
-        return x, weight, bias
-    dtype = torch.get_autocast_dtype(device_type)
-
-    def cast(t):
-        if not isinstance(t, Tensor) or not t.is_floating_point() or t.dtype == torch.float64:
-            return t  # left for _check_args to judge
-        return t.to(dtype)
-
-    return cast(x), cast(weight), cast(bias)
-
-
 # ----------------------------------------------------------------------------- custom ops
 
 
@@ -89,7 +67,7 @@ def _lora_linear_op(
 ) -> tuple[Tensor, Tensor]:
     """x (T, in), weight (out, in), bias (out,)?, lora_A (r, in), lora_B (out, r)
     -> y (T, out), s (T, r)."""
-    with _no_autocast(x):
+    with _autocast.disabled(x.device.type):
         return _backend_module(backend).forward(x, weight, bias, lora_A, lora_B, scaling,
                                                 dropout_p, seed)
 
@@ -107,7 +85,7 @@ def _lora_linear_backward_op(
     scaling: float, dropout_p: float, seed: int, needs: list[bool], backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients (dx, dweight, dbias, dA, dB); an empty tensor where ``needs`` is False."""
-    with _no_autocast(x):
+    with _autocast.disabled(x.device.type):
         grads = _backend_module(backend).backward(
             dy, x, weight, lora_A, lora_B, s, scaling, dropout_p, seed, tuple(needs)
         )
@@ -248,8 +226,8 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, *, trai
         w = weight.t() if fan_in_fan_out else weight
         y = F.linear(x, w, bias) + scaling * F.dropout(x, dropout_p, training) @ lora_A.t() @ lora_B.t()
     """
-    if isinstance(x, Tensor):
-        x, weight, bias = _autocast_cast(x, weight, bias)
+    if isinstance(x, Tensor):  # under autocast, cast as F.linear's inputs would be
+        x, weight, bias = _autocast.cast_inputs(x.device.type, x, weight, bias)
     in_features, out_features = _check_args(
         x, weight, bias, lora_A, lora_B, scaling, dropout_p, training, fan_in_fan_out, seed
     )

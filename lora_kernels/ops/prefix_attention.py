@@ -16,7 +16,7 @@ import numbers
 
 import torch
 
-from .. import backends
+from .. import _autocast, backends
 from .._checks import FLOAT_DTYPES, check_same_device, check_tensor
 from ..reference import prefix_attention as _torch_backend
 
@@ -73,15 +73,10 @@ def _fwd_op(
     scale: float,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    with _no_autocast(q):
+    with _autocast.disabled(q.device.type):
         out, lse = _backend_module(backend).forward(q, k, v, prefix_k, prefix_v,
                                                     key_padding_mask, causal, scale)
     return out.contiguous(), lse.to(_lse_dtype(q)).contiguous()
-
-
-def _no_autocast(q: torch.Tensor):
-    """Backends compute in their inputs' dtype; autocast must not recast inside them."""
-    return torch.autocast(q.device.type, enabled=False)
 
 
 def _lse_dtype(q: torch.Tensor) -> torch.dtype:
@@ -109,7 +104,7 @@ def _bwd_op(
     scale: float,
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    with _no_autocast(q):
+    with _autocast.disabled(q.device.type):
         dq, dk, dv, dpk, dpv = _backend_module(backend).backward(
             dout, q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse, causal, scale)
     if prefix_k is None:  # a custom op cannot return None: empty placeholders
@@ -231,6 +226,9 @@ def prefix_attention(q, k, v, prefix_k=None, prefix_v=None, *, causal=True,
         training: dropout applies only when True.
         backend: "auto", "torch", "triton" or "cuda" (see lora_kernels.backends).
 
+    Under ``torch.autocast`` the tensors are first cast to the autocast dtype, as
+    ``scaled_dot_product_attention``'s would be.
+
     Returns:
         (B, Hq, Lq, D) in q's dtype; a query row that sees no key at all is 0 (never NaN).
 
@@ -240,6 +238,9 @@ def prefix_attention(q, k, v, prefix_k=None, prefix_v=None, *, causal=True,
         mask = torch.cat([ones(Lq, P), causal_bottom_right(Lq, Lk) & key_padding_mask], -1)
         out = softmax(q @ keys.repeat_interleave(Hq // Hkv, 1).mT * scale, masked) @ values
     """
+    if isinstance(q, torch.Tensor):  # under autocast, cast as SDPA's inputs would be
+        q, k, v, prefix_k, prefix_v = _autocast.cast_inputs(q.device.type, q, k, v, prefix_k,
+                                                            prefix_v)
     _check_inputs(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale, dropout_p)
     if prefix_k is not None and prefix_k.dim() == 3:
         prefix_k, prefix_v = prefix_k.unsqueeze(0), prefix_v.unsqueeze(0)
