@@ -54,6 +54,18 @@ def test_generate_with_cache_and_left_padding_equals_eager(kind):
     assert torch.equal(ours.generate(ids, **kw), eager.generate(ids, **kw))
 
 
+@pytest.mark.parametrize("pad", [False, True])
+def test_generate_with_static_cache_equals_eager(pad):
+    """A static cache hands the prefill more keys (empty slots) than queries; without padding
+    transformers then skips the mask and relies on SDPA's upper-left causal alignment."""
+    eager = make_model("llama", attn="eager", init_range=0.2)
+    ours = lk.enable_fused_attention(make_model("llama", attn="eager", init_range=0.2))
+    ids, mask = _inputs("llama", "left" if pad else None)
+    kw = dict(attention_mask=mask, max_new_tokens=4, min_new_tokens=4, do_sample=False,
+              cache_implementation="static")
+    assert torch.equal(ours.generate(ids, **kw), eager.generate(ids, **kw))
+
+
 def _module(is_causal=True):
     return types.SimpleNamespace(is_causal=is_causal, training=False)
 
@@ -78,20 +90,22 @@ def _qkv(B=2, Hq=4, Hkv=2, Lq=5, Lk=5, D=8, P=0):
 
 
 @pytest.mark.parametrize("P", [0, 3])
-@pytest.mark.parametrize("mask_kind", ["none_causal", "none_decode", "causal_pad", "window", "random", "alibi"])
+@pytest.mark.parametrize("mask_kind", ["none_causal", "none_decode", "none_static_prefill",
+                                       "causal_pad", "window", "random", "alibi"])
 def test_mask_forms(mask_kind, P, monkeypatch):
-    """Each mask transformers may hand us: None (causality from module.is_causal, bottom-right,
-    also when Lk > Lq as in decoding), causal + padding (fused), and masks that are not
-    causal + key padding (sliding window, arbitrary, additive biases): reference path."""
+    """Each mask transformers may hand us: None (causality from module.is_causal as SDPA reads
+    it: all keys for one query, upper-left for several, as in a prefill into a static cache
+    with Lk > Lq), causal + padding (fused), and masks that are not causal + key padding
+    (sliding window, arbitrary, additive biases): reference path."""
     calls = []
     real = hf.prefix_attention
     monkeypatch.setattr(hf, "prefix_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
-    Lq, Lk = (2, 6) if mask_kind == "none_decode" else (6, 6)
+    Lq, Lk = {"none_decode": (1, 6), "none_static_prefill": (4, 6)}.get(mask_kind, (6, 6))
     q, k, v, pk, pv = _qkv(Lq=Lq, Lk=Lk, P=P)
     module = _module()
     if P:
         module.lora_kernels_prefix = lambda: (pk, pv)
-    tril = torch.ones(Lq, Lk, dtype=torch.bool).tril(Lk - Lq)
+    tril = torch.ones(Lq, Lk, dtype=torch.bool).tril(0 if mask_kind == "none_static_prefill" else Lk - Lq)
     mask, keep = None, tril.expand(2, 1, Lq, Lk)
     if mask_kind == "causal_pad":
         kpm = torch.tensor([[1, 1, 1, 1, 0, 0], [1] * 6], dtype=torch.bool)
@@ -118,7 +132,7 @@ def test_mask_forms(mask_kind, P, monkeypatch):
     else:
         expected = _reference(q, k, v, keep, scale, pk, pv)
     torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
-    fused = mask_kind in ("none_causal", "none_decode", "causal_pad")
+    fused = mask_kind in ("none_causal", "none_decode", "none_static_prefill", "causal_pad")
     assert bool(calls) == fused
 
 

@@ -151,6 +151,14 @@ def lora_kernels_attention(module, query, key, value, attention_mask, scaling=No
         )
     extras = {"position_bias": kwargs.get("position_bias"), "softcap": kwargs.get("softcap"),
               "sinks": kwargs.get("s_aux", kwargs.get("sinks"))}
+    Lq = query.shape[-2]
+    if attention_mask is None and is_causal and 1 < Lq < key.shape[-2]:
+        # transformers skips the mask only where SDPA's is_causal (upper-left) is right: with
+        # Lq < Lk, a prefill into an empty static cache whose keys past Lq are unused slots.
+        # Upper-left causal never sees keys >= Lq; on the first Lq keys it is bottom-right.
+        key, value = key[:, :, :Lq], value[:, :, :Lq]
+        if extras["position_bias"] is not None:
+            extras["position_bias"] = extras["position_bias"][..., :Lq]
     found = None
     # more queries than keys (cross-attention from a longer decoder) is not the op's "queries
     # are the last Lq of the Lk positions": the plain path serves it
@@ -168,8 +176,9 @@ def lora_kernels_attention(module, query, key, value, attention_mask, scaling=No
 
 def lora_kernels_mask(*args, **kwargs):
     """transformers mask function: the boolean mask of ``sdpa_mask`` (True = attend), or None
-    where transformers can skip it (causal without padding and Lq == Lk or Lq == 1; full
-    attention without padding): the attention function then applies ``module.is_causal``."""
+    where transformers can skip it (causal without padding and Lq == Lk or Lq == 1, or a
+    prefill into an empty static cache, read upper-left as SDPA's ``is_causal``; full attention
+    without padding): the attention function then applies ``module.is_causal``."""
     from transformers.masking_utils import sdpa_mask
 
     return sdpa_mask(*args, **kwargs)
