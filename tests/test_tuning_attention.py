@@ -151,7 +151,57 @@ def test_unsupported_model_gets_an_error_saying_why():
     assert_same_snapshot(before, snapshot(model))
 
 
-def test_softcap_is_refused_not_ignored():
+def _other_family(name):
+    import transformers as tf
+
+    torch.manual_seed(0)
+    if name == "mistral":  # sliding window: the mask is not causal + padding -> reference path
+        return tf.MistralForCausalLM(tf.MistralConfig(
+            num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+            intermediate_size=64, vocab_size=100, sliding_window=4)).eval()
+    if name == "gemma2":  # softcap
+        return tf.Gemma2ForCausalLM(tf.Gemma2Config(
+            num_hidden_layers=2, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
+            intermediate_size=64, vocab_size=100, head_dim=8, sliding_window=4)).eval()
+    return tf.T5ForConditionalGeneration(tf.T5Config(  # position_bias, scaling 1
+        num_layers=2, d_model=32, num_heads=4, d_kv=8, d_ff=64, vocab_size=100,
+        decoder_start_token_id=0)).eval()
+
+
+@pytest.mark.parametrize("name", ["mistral", "gemma2", "t5"])
+def test_other_families_equal_eager(name):
+    """No table entry needed; what the fused op cannot express takes the reference path."""
+    eager = _other_family(name)
+    eager.set_attn_implementation("eager")
+    ours = lk.enable_fused_attention(_other_family(name))
+    ids, mask = _inputs(name, "left")
+    kw = {"input_ids": ids, "attention_mask": mask}
+    if name == "t5":
+        kw["decoder_input_ids"] = ids[:, :4]
+    keep = mask.bool() if name != "t5" else slice(None)
+    torch.testing.assert_close(ours(**kw).logits[keep], eager(**kw).logits[keep], rtol=1e-5, atol=1e-5)
+
+
+def test_reference_extras_softcap_sinks_position_bias():
+    q, k, v, pk, pv = _qkv(P=2)
+    module = _module(is_causal=True)
+    module.lora_kernels_prefix = lambda: (pk, pv)
+    bias = torch.randn(1, 4, 5, 5)
+    sinks = torch.randn(4)
+    out, _ = hf.lora_kernels_attention(module, q, k, v, None, scaling=0.3, softcap=2.0,
+                                       position_bias=bias, s_aux=sinks)
+    kk = torch.cat([pk.expand(2, -1, -1, -1), k], 2).double().repeat_interleave(2, 1)
+    vv = torch.cat([pv.expand(2, -1, -1, -1), v], 2).double().repeat_interleave(2, 1)
+    s = torch.tanh(q.double() @ kk.transpose(-1, -2) * 0.3 / 2.0) * 2.0
+    causal = torch.ones(5, 5, dtype=torch.bool).tril()
+    seq_bias = bias.double().masked_fill(~causal, float("-inf"))
+    s = s + torch.cat([torch.zeros(1, 4, 5, 2, dtype=torch.float64), seq_bias], -1)
+    s = torch.cat([s, sinks.double().view(1, 4, 1, 1).expand(2, 4, 5, 1)], -1)
+    expected = (torch.softmax(s, -1)[..., :-1] @ vv).transpose(1, 2)
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_mask_longer_than_keys_is_an_error():
     q, k, v, _, _ = _qkv()
-    with pytest.raises(NotImplementedError, match="softcap"):
-        hf.lora_kernels_attention(_module(), q, k, v, None, softcap=30.0)
+    with pytest.raises(ValueError, match="mask covers 8 keys but the layer has 5"):
+        hf.lora_kernels_attention(_module(), q, k, v, torch.ones(2, 1, 5, 8, dtype=torch.bool))

@@ -5,8 +5,9 @@ registered under one name in ``transformers.AttentionInterface`` and
 The attention function calls ``lora_kernels.prefix_attention`` with the layer's prefix (read
 from the plain callable attribute ``PREFIX_ATTR`` on the attention module; P = 0 when there is
 none). transformers' mask is turned into causal + key padding; a mask that cannot be expressed
-that way (sliding window, packed sequences, ALiBi-like float biases, ...) goes to a plain
-PyTorch path with the full mask: never silently wrong.
+that way (sliding window, packed sequences, ALiBi-like float biases, ...) and the extras of some
+families (T5's position_bias, Gemma 2's softcap, gpt-oss's sinks) go to a plain PyTorch path
+with the full mask: never silently wrong.
 """
 
 from __future__ import annotations
@@ -72,12 +73,16 @@ def _decompose(mask: torch.Tensor, causal_first: bool) -> tuple[bool, torch.Tens
     return None
 
 
-def masked_attention_reference(query, key, value, prefix_k, prefix_v, mask, scale, dropout_p, training):
-    """Plain PyTorch attention with an arbitrary 4-D mask (bool keep-mask or additive float)
-    and an always-visible prefix: query (B, Hq, Lq, D), key/value (B, Hkv, Lk, D),
-    prefix (Hkv, P, D) or None, mask (B, 1 or Hq, Lq, Lk) -> (B, Hq, Lq, D)."""
+def masked_attention_reference(query, key, value, prefix_k, prefix_v, mask, scale, dropout_p, training, *,
+                               causal=False, position_bias=None, softcap=None, sinks=None):
+    """Plain PyTorch attention for what the fused op does not express, with an always-visible
+    prefix: query (B, Hq, Lq, D), key/value (B, Hkv, Lk, D), prefix (Hkv, P, D) or None; mask
+    (B, 1 or Hq, Lq, Lk) bool keep-mask or additive float, or None (then ``causal``,
+    bottom-right); ``position_bias`` (B or 1, Hq, Lq, Lk) added to the sequence scores (T5);
+    ``softcap``: scores -> softcap * tanh(scores / softcap) (Gemma 2); ``sinks`` (Hq,): one
+    extra logit per head in the softmax denominator (gpt-oss). Returns (B, Hq, Lq, D)."""
     B, Hq, Lq, _ = query.shape
-    Hkv = key.shape[1]
+    Hkv, Lk = key.shape[1], key.shape[2]
     P = 0 if prefix_k is None else prefix_k.shape[-2]
     if P:
         key = torch.cat([prefix_k.expand(B, *prefix_k.shape[-3:]), key], 2)
@@ -85,16 +90,28 @@ def masked_attention_reference(query, key, value, prefix_k, prefix_v, mask, scal
     key = key.repeat_interleave(Hq // Hkv, 1)
     value = value.repeat_interleave(Hq // Hkv, 1)
     scores = (query.float() @ key.float().transpose(-1, -2)) * scale
-    if mask is not None:
-        if mask.dtype == torch.bool:
-            if P:
-                mask = torch.cat([mask.new_ones(*mask.shape[:-1], P), mask], -1)
-            scores = scores.masked_fill(~mask, float("-inf"))
-        else:
-            if P:
-                mask = torch.cat([mask.new_zeros(*mask.shape[:-1], P), mask], -1)
-            scores = scores + mask.float()
-    probs = torch.softmax(scores, -1).nan_to_num(0.0)
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    bias = torch.zeros(1, 1, Lq, Lk, device=query.device)
+    if mask is None:
+        if causal:
+            tril = torch.ones(Lq, Lk, dtype=torch.bool, device=query.device).tril(Lk - Lq)
+            bias = bias.masked_fill(~tril, float("-inf"))
+    elif mask.dtype == torch.bool:
+        bias = bias.masked_fill(~mask, float("-inf"))
+    else:
+        bias = bias + mask.float()
+    if position_bias is not None:
+        bias = bias + position_bias.float()
+    if P:
+        bias = torch.cat([bias.new_zeros(*bias.shape[:-1], P), bias], -1)
+    scores = scores + bias
+    if sinks is not None:
+        sink = sinks.float().reshape(1, Hq, 1, 1).expand(B, Hq, Lq, 1)
+        probs = torch.softmax(torch.cat([scores, sink], -1), -1)[..., :-1]
+    else:
+        probs = torch.softmax(scores, -1)
+    probs = probs.nan_to_num(0.0)
     if dropout_p > 0 and training:
         probs = nn.functional.dropout(probs, dropout_p)
     return (probs @ value.float()).to(query.dtype)
@@ -103,7 +120,9 @@ def masked_attention_reference(query, key, value, prefix_k, prefix_v, mask, scal
 def lora_kernels_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """transformers attention function. query (B, Hq, Lq, D), key/value (B, Hkv, Lk, D)
     (not repeated for GQA), attention_mask (B, 1, Lq, Lk) bool/float or None ->
-    ``(out (B, Lq, Hq, D), None)``.
+    ``(out (B, Lq, Hq, D), None)``. Fused (``prefix_attention``) when the mask is causal +
+    key padding; the plain PyTorch path otherwise, and for ``position_bias`` (T5), ``softcap``
+    (Gemma 2) and attention sinks (``s_aux``).
 
     Equivalent PyTorch (no prefix, no padding)::
 
@@ -115,29 +134,30 @@ def lora_kernels_attention(module, query, key, value, attention_mask, scaling=No
     if prefix_fn is not None:
         prefix_k, prefix_v = prefix_fn()
         prefix_k, prefix_v = prefix_k.to(query.dtype), prefix_v.to(query.dtype)
-    for name in ("softcap", "s_aux", "sinks"):
-        if kwargs.get(name) is not None:
-            raise NotImplementedError(
-                f"lora_kernels attention: {type(module).__name__} passes `{name}`, which "
-                "prefix_attention does not implement; use another attn_implementation for this model"
-            )
+    if kwargs.get("head_mask") is not None:
+        raise NotImplementedError("lora_kernels attention: head_mask is not supported")
     is_causal = kwargs.get("is_causal")
     if is_causal is None:
         is_causal = bool(getattr(module, "is_causal", True))
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     dropout_p = float(dropout or 0.0)
     training = module.training
-    if attention_mask is None:
-        causal, kpm = is_causal, None
-    else:
-        if attention_mask.dim() == 4 and attention_mask.shape[-1] > key.shape[-2]:
-            attention_mask = attention_mask[..., : key.shape[-2]]
-        found = decompose_mask(attention_mask, causal_first=is_causal)
-        if found is None:
-            out = masked_attention_reference(query, key, value, prefix_k, prefix_v, attention_mask,
-                                             scale, dropout_p, training)
-            return out.transpose(1, 2).contiguous(), None
-        causal, kpm = found
+    if attention_mask is not None and attention_mask.shape[-1] != key.shape[-2]:
+        raise ValueError(
+            f"lora_kernels attention: the mask covers {attention_mask.shape[-1]} keys but the layer "
+            f"has {key.shape[-2]} (prefix tuning here keeps the prefix out of the mask: pass the "
+            "attention mask of the real tokens only)"
+        )
+    extras = {"position_bias": kwargs.get("position_bias"), "softcap": kwargs.get("softcap"),
+              "sinks": kwargs.get("s_aux", kwargs.get("sinks"))}
+    found = None
+    if all(v is None for v in extras.values()):
+        found = (is_causal, None) if attention_mask is None else decompose_mask(attention_mask, is_causal)
+    if found is None:
+        out = masked_attention_reference(query, key, value, prefix_k, prefix_v, attention_mask, scale,
+                                         dropout_p, training, causal=is_causal, **extras)
+        return out.transpose(1, 2).contiguous(), None
+    causal, kpm = found
     out = prefix_attention(query, key, value, prefix_k, prefix_v, causal=causal, key_padding_mask=kpm,
                            scale=scale, dropout_p=dropout_p, training=training)
     return out.transpose(1, 2).contiguous(), None
