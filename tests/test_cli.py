@@ -73,6 +73,18 @@ def test_classification_saves_peft_adapter_and_metrics(tmp_path, bert_dir, metho
     assert "test accuracy" in capsys.readouterr().out
 
 
+def test_full_fine_tuning_saves_a_loadable_model(tmp_path, bert_dir):
+    from transformers import AutoModelForSequenceClassification
+
+    data = _write_jsonl(tmp_path / "train.jsonl", _rows(30))
+    rc = _finetune(bert_dir, data, "--method", "full", "--text-field", "sentence", "--label-field",
+                   "sentiment", "--epochs", "1", "--out", tmp_path / "out")
+    assert rc == 0
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "out" / "model")
+    assert model.config.id2label == {0: "neg", 1: "pos"}
+    assert json.loads((tmp_path / "out" / "metrics.json").read_text())["trainable_share"] == 1.0
+
+
 def test_csv_causal_lm_with_separate_splits(tmp_path, llama_dir):
     def csv(name, rows):
         lines = ["id,sentence"] + [f'{i},"{r["sentence"]}"' for i, r in enumerate(rows)]

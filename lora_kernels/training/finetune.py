@@ -150,7 +150,7 @@ def save_result(model, tokenizer, method: str, folder: Path) -> Path:
     format (``adapter_config.json`` + ``adapter_model.safetensors``)."""
     folder.mkdir(parents=True, exist_ok=True)
     if method == "full":
-        inner = getattr(model, "base_model", model) if not hasattr(model, "save_pretrained") else model
+        inner = model.base_model if hasattr(model, "save_adapter") else model  # TunedModel -> HF model
         inner.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
     elif hasattr(model, "save_adapter"):
