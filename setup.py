@@ -63,6 +63,24 @@ def build_env_defaults(env: dict, gpu_visible: bool, cpu_count: int | None) -> d
     return added
 
 
+def ninja_dir(env: dict) -> str | None:
+    """A directory holding a ninja executable that is not on PATH yet (pip's ninja package in
+    this interpreter's environment), or None when ninja is on PATH or nowhere to be found."""
+    if shutil.which("ninja", path=env.get("PATH")):
+        return None
+    candidates = [os.path.dirname(sys.executable)]
+    try:
+        import ninja
+
+        candidates.insert(0, ninja.BIN_DIR)
+    except Exception:  # noqa: BLE001 - the package is optional
+        pass
+    for directory in candidates:
+        if shutil.which("ninja", path=directory):
+            return directory
+    return None
+
+
 def cuda_sources() -> list[str]:
     """The extension's sources, relative to the project root (setuptools wants them so)."""
     found = glob.glob(os.path.join(ROOT, "csrc", "*.cpp")) + glob.glob(
@@ -92,6 +110,9 @@ def cuda_extension_kwargs(env: dict | None = None) -> dict:
 
     for key, value in build_env_defaults(env, torch.cuda.is_available(), os.cpu_count()).items():
         env[key] = value
+    extra_path = ninja_dir(env)  # e.g. `make` runs .venv/bin/python without .venv/bin on PATH
+    if extra_path:
+        env["PATH"] = extra_path + os.pathsep + env.get("PATH", "")
     _log(
         f"building lora_kernels._C for TORCH_CUDA_ARCH_LIST={env.get('TORCH_CUDA_ARCH_LIST')} "
         f"with MAX_JOBS={env.get('MAX_JOBS')}"

@@ -14,6 +14,7 @@ weight is frozen and the adapters are trained.
     python benchmarks/bench_lora.py --device cpu                 # T=2048, in=out=1024, r=16
     python benchmarks/bench_lora.py --device cuda --dtype bfloat16
     python benchmarks/bench_lora.py --device cpu --quick         # a few seconds (make demo)
+    python benchmarks/bench_lora.py --device cpu --plot benchmarks/results/lora_cpu.png
 
 Prints a table (median and 20/80 % quantiles in ms, peak MiB, ratios against peft and base) and
 writes JSON (default ``benchmarks/results/lora_<device>.json``, ``..._quick.json`` with --quick). On the CPU the providers are
@@ -35,7 +36,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from common import (  # noqa: E402
-    _use_mmap_for_large_allocations,
     format_table,
     machine_info,
     peak_memory_bytes,
@@ -69,6 +69,7 @@ def _parse(argv=None):
     ap.add_argument("--threads", type=int, default=None,
                     help="torch CPU threads (default 1 on cpu: steadier on a shared machine)")
     ap.add_argument("--quick", action="store_true", help="small shape, few repetitions")
+    ap.add_argument("--plot", default=None, help="also write a PNG bar chart here (needs matplotlib)")
     ap.add_argument("--json", default=None, help="output path (default benchmarks/results/lora_<device>.json)")
     args = ap.parse_args(argv)
     cuda = args.device.startswith("cuda")
@@ -158,9 +159,6 @@ def run(args) -> dict:
     dtype = DTYPES[args.dtype]
     if device.type == "cpu":
         torch.set_num_threads(args.threads or 1)
-        # Before the first large allocation: glibc must serve big blocks by mmap from the start,
-        # or freed activations stay resident in its heap and peaks read as zero.
-        _use_mmap_for_large_allocations()
     torch.manual_seed(0)
     base = nn.Linear(args.in_features, args.out_features, device=device, dtype=dtype)
     base.requires_grad_(False)
@@ -216,6 +214,36 @@ def _add_ratios(rows):
                 r[f"mem_vs_{ref}"] = r["peak_mib"] / other["peak_mib"] if other["peak_mib"] else float("nan")
 
 
+def plot(result: dict, path: str) -> Path:
+    """Bar chart: median time and peak memory per mode and provider."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["results"]
+    modes = list(dict.fromkeys(r["mode"] for r in rows))
+    providers = list(dict.fromkeys(r["provider"] for r in rows))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    width = 0.8 / len(providers)
+    for ax, key, label in ((axes[0], "median_ms", "median time (ms)"), (axes[1], "peak_mib", "peak memory (MiB)")):
+        for i, provider in enumerate(providers):
+            vals = [next((r[key] for r in rows if r["mode"] == m and r["provider"] == provider), 0)
+                    for m in modes]
+            ax.bar([j + i * width for j in range(len(modes))], vals, width, label=provider)
+        ax.set_xticks([j + 0.4 - width / 2 for j in range(len(modes))], modes)
+        ax.set_ylabel(label)
+    axes[0].legend()
+    cfg = result["config"]
+    fig.suptitle(f"lora_linear T={cfg['tokens']} in={cfg['in_features']} out={cfg['out_features']} "
+                 f"r={cfg['rank']} p={cfg['dropout']} {cfg['dtype']} ({cfg['device']})")
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return Path(path)
+
+
 def main(argv=None) -> None:
     args = _parse(argv)
     result = run(args)
@@ -231,6 +259,8 @@ def main(argv=None) -> None:
     suffix = "_quick" if args.quick else ""  # a quick run never overwrites the full figures
     path = args.json or Path(__file__).resolve().parent / "results" / f"lora_{device_kind}{suffix}.json"
     print(f"wrote {write_json(path, result)}")
+    if args.plot:
+        print(f"wrote {plot(result, args.plot)}")
 
 
 if __name__ == "__main__":

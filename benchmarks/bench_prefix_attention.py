@@ -43,7 +43,7 @@ from lora_kernels.reference.prefix_attention import flops  # noqa: E402
 # (B, Hq, Hkv, L, P, D): GPT-2-small-like and a grouped-query shape on the CPU; a
 # LLaMA-8B-like prefix-tuning shape on a GPU.
 CPU_SHAPES = [(8, 8, 8, 256, 32, 64), (4, 8, 2, 512, 32, 64)]
-GPU_SHAPES = [(8, 32, 8, 1024, 32, 128), (4, 32, 8, 2048, 32, 128), (16, 16, 16, 512, 16, 64)]
+GPU_SHAPES = [(8, 32, 8, 1024, 32, 128), (4, 32, 8, 2048, 32, 128)]
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -81,7 +81,8 @@ def available(provider, q, k, v, prefix_k, prefix_v) -> str | None:
     return "; ".join(reasons) or None
 
 
-def bench_one(provider, mode, inputs, device, reps):
+def make_fn(provider, mode, inputs):
+    """The call to measure: fwd (no autograd), bwd (backward of a kept graph), full."""
     q, k, v, pk, pv = inputs
     call = make_call(provider, q, k, v, pk, pv)
     dout = torch.randn_like(q)
@@ -99,59 +100,72 @@ def bench_one(provider, mode, inputs, device, reps):
         def fn():
             torch.autograd.grad(out, params, dout, retain_graph=True)
     fn()
-    timing = time_ms(fn, device, warmup=2, reps=reps)
-    return fn, timing
+    return fn
+
+
+def make_inputs(shape, device, dtype):
+    B, Hq, Hkv, L, P, D = shape
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    sizes = [(B, Hq, L, D), (B, Hkv, L, D), (B, Hkv, L, D), (Hkv, P, D), (Hkv, P, D)]
+    inputs = [torch.randn(*s, generator=gen).to(device=device, dtype=dtype) for s in sizes]
+    return [t.requires_grad_() for t in inputs]
+
+
+def shape_name(shape) -> str:
+    B, Hq, Hkv, L, P, D = shape
+    return f"B{B} H{Hq}/{Hkv} L{L} P{P} D{D}"
 
 
 def run(args):
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype]
-    shapes = args.shape or (GPU_SHAPES if device.type == "cuda" else CPU_SHAPES)
+    shapes = [tuple(s) for s in args.shape] if args.shape else (
+        GPU_SHAPES if device.type == "cuda" else CPU_SHAPES)
     providers = args.providers
+    cases = [(shape, mode) for shape in shapes for mode in args.modes]
+    skipped, memory = {}, {}
+    # 1. peak memory of every case
+    for shape, mode in cases:
+        inputs = make_inputs(shape, device, dtype)
+        for p in providers:
+            why = available(p, *inputs)
+            if why:
+                skipped[(shape, p)] = why
+                continue
+            memory[(shape, mode, p)] = peak_memory_bytes(make_fn(p, mode, inputs), device)
+        del inputs
+    # 2. times: rounds alternate the providers, so that a noisy machine hits them alike; per
+    # round a median over reps; reported: the median (and median quantiles) over the rounds
     rows = []
-    for B, Hq, Hkv, L, P, D in shapes:
-        gen = torch.Generator(device="cpu").manual_seed(0)
-        sizes = [(B, Hq, L, D), (B, Hkv, L, D), (B, Hkv, L, D), (Hkv, P, D), (Hkv, P, D)]
-        inputs = [torch.randn(*s, generator=gen).to(device=device, dtype=dtype) for s in sizes]
-        for t in inputs:
-            t.requires_grad_()
-        fwd_flops = flops(B, Hq, L, L, P, D, causal=True)
-        for mode in args.modes:
-            samples = {p: [] for p in providers}
-            skipped = {}
-            fns = {}
-            # rounds alternate the providers, so that a noisy machine hits them alike
-            for _ in range(args.rounds):
-                for p in providers:
-                    if p in skipped:
-                        continue
-                    why = available(p, *inputs)
-                    if why:
-                        skipped[p] = why
-                        continue
-                    fns[p], timing = bench_one(p, mode, inputs, device, args.reps)
-                    samples[p].append(timing)
-            shape = f"B{B} H{Hq}/{Hkv} L{L} P{P} D{D}"
-            block = []
-            for p in providers:
-                if p in skipped:
-                    block.append(dict(shape=shape, mode=mode, provider=p, skipped=skipped[p]))
-                    continue
-                # per round a median over reps; reported: the median (and the median
-                # quantiles) over the rounds
-                t = {key: statistics.median(s[key] for s in samples[p])
-                     for key in ("median_ms", "q20_ms", "q80_ms")}
-                mem = peak_memory_bytes(fns[p], device) / 2**20
-                row = dict(shape=shape, mode=mode, provider=p, **t, peak_mib=mem)
-                if device.type == "cuda":
-                    work = fwd_flops * {"fwd": 1.0, "bwd": 2.5, "full": 3.5}[mode]
-                    row["tflops"] = work / (t["median_ms"] * 1e-3) / 1e12
-                block.append(row)
-            base = next((r for r in block if r["provider"] == "sdpa" and "median_ms" in r), None)
-            for r in block:
-                if base is not None and "median_ms" in r:
-                    r["vs_sdpa"] = r["median_ms"] / base["median_ms"]
-            rows += block
+    for shape, mode in cases:
+        inputs = make_inputs(shape, device, dtype)
+        live = [p for p in providers if (shape, p) not in skipped]
+        fns = {p: make_fn(p, mode, inputs) for p in live}
+        samples = {p: [] for p in live}
+        for _ in range(args.rounds):
+            for p in live:
+                samples[p].append(time_ms(fns[p], device, warmup=2, reps=args.reps))
+        block = []
+        for p in providers:
+            if p not in live:
+                block.append(dict(shape=shape_name(shape), mode=mode, provider=p,
+                                  skipped=skipped[(shape, p)]))
+                continue
+            t = {key: statistics.median(s[key] for s in samples[p])
+                 for key in ("median_ms", "q20_ms", "q80_ms")}
+            row = dict(shape=shape_name(shape), mode=mode, provider=p, **t,
+                       peak_mib=memory[(shape, mode, p)] / 2**20)
+            if device.type == "cuda":
+                work = flops(shape[0], shape[1], shape[3], shape[3], shape[4], shape[5],
+                             causal=True) * {"fwd": 1.0, "bwd": 2.5, "full": 3.5}[mode]
+                row["tflops"] = work / (t["median_ms"] * 1e-3) / 1e12
+            block.append(row)
+        base = next((r for r in block if r["provider"] == "sdpa" and "median_ms" in r), None)
+        for r in block:
+            if base is not None and "median_ms" in r:
+                r["vs_sdpa"] = r["median_ms"] / base["median_ms"]
+        rows += block
+        del fns, inputs
     return rows
 
 
@@ -167,9 +181,13 @@ def main(argv=None):
                     metavar=("B", "HQ", "HKV", "L", "P", "D"))
     ap.add_argument("--rounds", type=int, default=None, help="alternating rounds (CPU: 3)")
     ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--threads", type=int, default=None,
+                    help="torch CPU threads (default: PyTorch's choice)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     args.dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
     args.rounds = args.rounds or (1 if device.type == "cuda" else 3)
     rows = run(args)
@@ -183,6 +201,8 @@ def main(argv=None):
     out = Path(args.out or Path(__file__).parent / "results" /
                f"prefix_attention_{device.type}.json")
     payload = dict(benchmark="prefix_attention", dtype=args.dtype, causal=True,
+                   cpu_allocator="timed with glibc M_MMAP_THRESHOLD=32 MiB (steady state), "
+                                 "memory measured with 64 KiB as benchmarks/common.py",
                    command=" ".join(["python", "benchmarks/bench_prefix_attention.py",
                                      *(argv if argv is not None else sys.argv[1:])]),
                    machine=machine_info(device), rows=rows)

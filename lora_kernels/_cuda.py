@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import re
 from types import ModuleType
 
 import torch
@@ -27,8 +28,10 @@ _state: dict[str, object] = {}
 
 
 def _torch_base_version(version: str) -> str:
-    """'2.14.1+cu130' -> '2.14.1'."""
-    return version.split("+", 1)[0]
+    """The release numbers of a torch version: '2.14.1+cu130' and '2.11.0a0+git1234' ->
+    '2.14.1' and '2.11.0' (what the extension records from torch's headers)."""
+    match = re.match(r"\d+\.\d+\.\d+", version)
+    return match.group(0) if match else version.split("+", 1)[0]
 
 
 def _import() -> tuple[ModuleType | None, str | None]:

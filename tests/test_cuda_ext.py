@@ -43,7 +43,7 @@ def fresh_loader():
 def test_extension_imports_and_matches_torch():
     module = _cuda.load()
     assert module.__name__ == "lora_kernels._C"
-    assert module.torch_version == torch.__version__.split("+")[0]
+    assert module.torch_version == _cuda._torch_base_version(torch.__version__)
     assert module.cuda_runtime_version > 0
     assert _cuda.unavailable_reason() in (None, _cuda.NO_GPU)
 
@@ -266,6 +266,12 @@ def test_cuda_backend_never_auto_selected_until_validated():
 # --- loader ------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("version, base", [("2.14.1+cu130", "2.14.1"), ("2.11.0a0+git1234", "2.11.0"),
+                                           ("2.11.0", "2.11.0"), ("2.12.0.dev20260101", "2.12.0")])
+def test_loader_compares_release_numbers(version, base):
+    assert _cuda._torch_base_version(version) == base
+
+
 def test_loader_reason_not_built(fresh_loader, monkeypatch):
     monkeypatch.setattr(fresh_loader.importlib.util, "find_spec", lambda name: None)
     assert fresh_loader.unavailable_reason() == "extension not built"
@@ -290,13 +296,13 @@ def test_loader_reason_other_torch(fresh_loader, monkeypatch):
     fake.torch_version = "1.0.0"
     monkeypatch.setattr(fresh_loader.importlib.util, "find_spec", lambda name: object())
     monkeypatch.setattr(fresh_loader.importlib, "import_module", lambda name: fake)
-    running = torch.__version__.split("+")[0]
+    running = _cuda._torch_base_version(torch.__version__)
     assert fresh_loader.unavailable_reason() == f"built for torch 1.0.0, running torch {running}"
 
 
 def test_loader_reason_no_gpu(fresh_loader, monkeypatch):
     fake = types.ModuleType("lora_kernels._C")
-    fake.torch_version = torch.__version__.split("+")[0]
+    fake.torch_version = _cuda._torch_base_version(torch.__version__)
     monkeypatch.setattr(fresh_loader.importlib.util, "find_spec", lambda name: object())
     monkeypatch.setattr(fresh_loader.importlib, "import_module", lambda name: fake)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
@@ -388,3 +394,26 @@ def test_backend_reasons_name_old_gpus(monkeypatch):
         assert module._capability_reasons(torch.device("cpu")) == []
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     assert cl._capability_reasons(torch.device("cuda", 0)) == []
+
+
+def test_setup_finds_ninja_off_path(setup_module, tmp_path):
+    found = _ninja_dirs(setup_module)  # the venv's ninja (pip package), if any
+    expected = found if found else [None]
+    assert setup_module.ninja_dir({"PATH": str(tmp_path)}) in expected
+    fake = tmp_path / "ninja"
+    fake.write_text("#!/bin/sh\n")
+    fake.chmod(0o755)
+    assert setup_module.ninja_dir({"PATH": str(tmp_path)}) is None  # already on PATH
+
+
+def _ninja_dirs(setup_module):
+    import shutil
+
+    dirs = [os.path.dirname(sys.executable)]
+    try:
+        import ninja
+
+        dirs.append(ninja.BIN_DIR)
+    except ImportError:
+        pass
+    return [d for d in dirs if shutil.which("ninja", path=d)]

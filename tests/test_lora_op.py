@@ -115,10 +115,14 @@ def test_frozen_everything_but_adapters_gives_no_base_grads():
     assert a.grad is not None and bb.grad is not None
 
 
-def test_empty_batch():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_empty_batch(backend):
     x, w, b, a, bb = _leaves(make_inputs(1, 6, 5, 2, torch.float32))
-    y = lora_linear(x[:0], w, b, a, bb, 1.0)
+    y = lora_linear(x[:0], w, b, a, bb, 1.0, 0.5, seed=1, backend=backend)
     assert y.shape == (0, 5)
+    y.sum().backward()
+    for t in (w, b, a, bb):
+        assert t.grad is not None and not t.grad.any()
 
 
 # ----------------------------------------------------------------------------- dropout
@@ -247,3 +251,51 @@ def test_set_backend_and_env_choose_triton(monkeypatch):
     monkeypatch.delenv("LORA_KERNELS_BACKEND")
     lora_linear(*_ok(), 1.0)  # auto on CPU: torch
     assert calls == [1, 1]
+
+
+# ----------------------------------------------------------------------------- memory
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_saves_x_and_s_only(backend):
+    """No mask and no dropped copy of x is kept for the backward: besides x and the
+    parameters, the only saved tensor is s (T, r)."""
+    T, in_f, out_f, r = 33, 40, 24, 4
+    x, w, b, a, bb = _leaves(make_inputs(T, in_f, out_f, r, torch.float32), (True, False, False, True, True))
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = lora_linear(x, w, b, a, bb, 1.0, 0.3, seed=4, backend=backend)
+    big = [t for t in saved if t.numel() >= T * min(in_f, out_f)]
+    assert all(t.data_ptr() == x.data_ptr() or t is w for t in big), [tuple(t.shape) for t in big]
+    assert sum(t.shape == (T, r) for t in saved) == 1
+    y.sum().backward()
+
+
+# ----------------------------------------------------------------------------- GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gpu_compile_fullgraph_inductor(backend):
+    """torch.compile (inductor) through the op on CUDA tensors, bf16 base with fp32 adapters:
+    equal to eager with the same seed."""
+    torch._dynamo.reset()
+    inputs = [t.cuda() for t in make_inputs(512, 256, 384, 16, torch.bfloat16, adapter_dtype=torch.float32)]
+    x, w, b, a, bb = _leaves(inputs, (True, False, False, True, True))
+
+    def f(x, w, b, a, bb):
+        return lora_linear(x, w, b, a, bb, 2.0, 0.1, seed=11, backend=backend).float().square().mean()
+
+    compiled = torch.compile(f, fullgraph=True)
+    compiled(x, w, b, a, bb).backward()
+    got = [x.grad.clone(), a.grad.clone(), bb.grad.clone()]
+    for t in (x, a, bb):
+        t.grad = None
+    f(x, w, b, a, bb).backward()
+    for g, want in zip(got, [x.grad, a.grad, bb.grad]):
+        torch.testing.assert_close(g, want, rtol=2e-2, atol=1e-4)

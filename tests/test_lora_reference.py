@@ -45,9 +45,11 @@ def test_float64_is_exact_to_rounding():
     dy = torch.randn(11, 23, dtype=torch.float64)
     y, s, grads = _run(inputs, 2.0, 0.25, 7, dy)
     keep = mask_of("torch", 11, 19, 0.25, 7)
-    ref64 = formula_grads(inputs, 2.0, dy, keep, 0.25, torch.float64)
+    leaves = [t.clone().requires_grad_() for t in inputs]
+    y64 = ref.lora_linear_formula(*leaves, 2.0, keep=keep, dropout_p=0.25)  # the module's own oracle
+    y64.backward(dy)
     assert s.dtype == torch.float64
-    for got, want in zip([y, *grads], ref64):
+    for got, want in zip([y, *grads], [y64.detach(), *(t.grad for t in leaves)]):
         torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
@@ -89,3 +91,18 @@ def test_no_dropout_ignores_the_seed():
     y1, _ = ref.forward(*inputs, 1.0, 0.0, 1)
     y2, _ = ref.forward(*inputs, 1.0, 0.0, 2)
     assert torch.equal(y1, y2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtypes", [(torch.bfloat16, torch.float32), (torch.float32, torch.float32)],
+                         ids=["bf16-fp32", "fp32-fp32"])
+def test_torch_backend_on_cuda(dtypes):
+    """auto picks the torch backend on CUDA until a kernel backend passed the GPU check."""
+    dtype, adt = dtypes
+    T, in_f, out_f, r, p = 3000, 1536, 768, 16, 0.1
+    inputs = [t.cuda() if t is not None else None
+              for t in make_inputs(T, in_f, out_f, r, dtype, adapter_dtype=adt)]
+    dy = torch.randn(T, out_f, dtype=dtype, device="cuda")
+    y, s, grads = _run(inputs, 2.0, p, 17, dy)
+    keep = mask_of("torch", T, in_f, p, 17, device="cuda")
+    check_against_reference([y, *grads], inputs, 2.0, dy, keep, p)

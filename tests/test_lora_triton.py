@@ -126,6 +126,8 @@ def test_gpu_bf16_mixed_and_repeatable():
     g2 = tr.backward(dy, x, w, a, bb, s1, 2.0, 0.1, 5, ALL)
     for u, v in zip(g1, g2):  # dB is summed with atomics: equal up to fp32 reordering
         torch.testing.assert_close(u, v, rtol=1e-5, atol=1e-5)
+    keep = mask_of("triton", 2048, 1024, 0.1, 5, device="cuda")
+    check_against_reference([y1, *g1], inputs, 2.0, dy, keep, 0.1)
 
 
 # ----------------------------------------------------------------------------- GPU compile, no GPU

@@ -92,7 +92,8 @@ def test_compile_fullgraph_with_backward():
 
 
 @pytest.mark.gpu
-def test_compile_triton_gpu():
+def test_compile_triton_gpu(monkeypatch):
+    monkeypatch.setenv("LORA_KERNELS_AUTOTUNE", "0")
     inputs = make_inputs(2, 8, 2, 200, 260, 16, 64, torch.bfloat16, pad=True)
     cuda = {n: (None if x is None else x.cuda()) for n, x in inputs.items()}
     fn = torch.compile(lambda q, k, v, pk, pv, m: prefix_attention(

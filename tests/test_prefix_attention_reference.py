@@ -147,3 +147,21 @@ def test_fast_path_does_not_concatenate_keys(monkeypatch):
     monkeypatch.setattr(torch, "cat", spy)
     run_fast_path(inputs, True, 0.25, torch.randn(2, 4, 17, 16))
     assert inputs["k"].shape not in shapes and inputs["prefix_k"].shape not in shapes
+
+
+@pytest.mark.parametrize("prefix", [(0, False), (5, True), (5, False)])
+def test_off_cpu_path_recomputes_the_oracle(monkeypatch, prefix):
+    """Off the CPU (no CPU flash kernel) the torch backend runs the oracle; forced here."""
+    monkeypatch.setattr(R, "_cpu_flash", lambda q: False)
+    _fast_case(prefix, (4, 2, 16), (9, 12), True, True, torch.float32)
+    _fast_case(prefix, (4, 2, 16), (9, 12), True, True, torch.bfloat16)
+
+
+@pytest.mark.gpu
+def test_torch_backend_on_cuda():
+    inputs = make_inputs(2, 4, 2, 33, 40, 7, 64, torch.bfloat16, pad=True)
+    cuda = {n: (None if x is None else x.cuda()) for n, x in inputs.items()}
+    dout = torch.randn(2, 4, 33, 64)
+    out, _, grads = run_fast_path(cuda, True, 0.125, dout.cuda())
+    check_against_oracle(out.cpu(), {n: (None if g is None else g.cpu())
+                                     for n, g in grads.items()}, inputs, True, 0.125, dout)

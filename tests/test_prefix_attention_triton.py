@@ -134,27 +134,26 @@ def test_deterministic_prefix_gradient():
 
 
 # ---- GPU checks at realistic sizes (skip without a GPU) ----------------------------------
+# Many blocks per program, bf16/fp16 tensor-core dots, odd head dims and lengths. One autotune
+# config per specialisation (LORA_KERNELS_AUTOTUNE=0) keeps the compile time of the GPU check
+# short; the benchmark autotunes.
+
+
+@pytest.fixture
+def quick_tune(monkeypatch):
+    monkeypatch.setenv("LORA_KERNELS_AUTOTUNE", "0")
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("B,Hq,Hkv,Lq,Lk,P,D,per_row,causal,pad", [
-    (4, 16, 4, 512, 512, 32, 128, False, True, False),
-    (2, 8, 8, 300, 700, 20, 80, True, True, True),
-    (3, 8, 2, 257, 257, 0, 96, False, False, True),
-    (2, 4, 4, 1, 1000, 64, 256, False, True, False),
-    (2, 4, 1, 640, 640, 7, 64, True, False, False),
+@pytest.mark.parametrize("B,Hq,Hkv,Lq,Lk,P,D,per_row,causal,pad,dtype", [
+    (4, 16, 4, 512, 512, 32, 128, False, True, False, torch.bfloat16),
+    (2, 8, 8, 300, 700, 20, 80, True, True, True, torch.float16),
+    (3, 8, 2, 257, 257, 0, 96, False, False, True, torch.bfloat16),
+    (2, 4, 4, 1, 1000, 64, 256, False, True, False, torch.bfloat16),
+    (2, 8, 2, 333, 401, 45, 64, False, True, True, torch.float32),
 ])
-def test_gpu_realistic(B, Hq, Hkv, Lq, Lk, P, D, per_row, causal, pad, dtype):
+def test_gpu_realistic(quick_tune, B, Hq, Hkv, Lq, Lk, P, D, per_row, causal, pad, dtype):
     inputs = make_inputs(B, Hq, Hkv, Lq, Lk, P, D, dtype, per_row=per_row, pad=pad)
     dout = torch.randn(B, Hq, Lq, D)
     out, _, grads = run_triton(inputs, causal, D**-0.5, dout, device="cuda")
     check_against_oracle(out, grads, inputs, causal, D**-0.5, dout)
-
-
-@pytest.mark.gpu
-def test_gpu_fp32_many_blocks():
-    inputs = make_inputs(2, 8, 2, 333, 401, 45, 64, torch.float32, pad=True)
-    dout = torch.randn(2, 8, 333, 64)
-    out, _, grads = run_triton(inputs, True, 0.125, dout, device="cuda")
-    check_against_oracle(out, grads, inputs, True, 0.125, dout)

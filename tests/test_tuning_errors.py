@@ -140,3 +140,15 @@ def test_dora_adapter_is_refused(tmp_path):
         lk.load_adapter(model, path)
     assert_same_snapshot(before, snapshot(model))
     assert torch.is_tensor(before["state"]["lm_head.weight"])
+
+
+def test_prefix_on_an_encoder_decoder_is_refused():
+    """T5: 4 self-attention modules for a 2-layer config (encoder and decoder); refused."""
+    import transformers as tf
+
+    model = tf.T5ForConditionalGeneration(tf.T5Config(num_layers=2, d_model=32, num_heads=4, d_kv=8,
+                                                      d_ff=64, vocab_size=100))
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="found 4 self-attention modules"):
+        lk.tune(model, lk.PrefixTuningConfig(num_virtual_tokens=2))
+    assert_same_snapshot(before, snapshot(model))

@@ -129,8 +129,9 @@ def test_greedy_generate_equals_manual_greedy_loop(kind, method):
     assert torch.equal(got, expected)
 
 
+@pytest.mark.parametrize("reentrant", [True, False])
 @pytest.mark.parametrize("kind", KINDS)
-def test_prefix_tuning_with_gradient_checkpointing(kind):
+def test_prefix_tuning_with_gradient_checkpointing(kind, reentrant):
     """Same loss and prefix gradient with and without checkpointing (PEFT cannot do this)."""
     grads = []
     for checkpointing in (False, True):
@@ -138,8 +139,8 @@ def test_prefix_tuning_with_gradient_checkpointing(kind):
                                                     encoder_hidden_size=16))
         tuned.train()
         if checkpointing:
-            tuned.gradient_checkpointing_enable()
-            assert tuned.base_model.is_gradient_checkpointing
+            tuned.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": reentrant})
+            assert tuned.base_model.is_activation_checkpointing
         loss = tuned(**batch(kind)).loss
         loss.backward()
         grads.append((loss.detach(), [p.grad.clone() for p in tuned.prefix_encoder.parameters()]))
@@ -267,11 +268,15 @@ def test_prompt_template_and_verbalizer():
     ids = torch.tensor([Tok()(tuned.format_prompt("fine film"))["input_ids"],
                         Tok()(tuned.format_prompt("dull"))["input_ids"] + [0]])
     mask = torch.ones_like(ids)
-    mask[1, -1] = 0
+    mask[1, -1] = 0  # right padding
     got = tuned.verbalizer_logits(ids, mask)
     logits = tuned(input_ids=ids, attention_mask=mask).logits  # (B, P + L, V)
     torch.testing.assert_close(got[0], logits[0, 4 + 3, words])
     torch.testing.assert_close(got[1], logits[1, 4 + 2, words])
+    left = torch.cat([ids[1:, -1:], ids[1:, :-1]], 1)  # the same row, left-padded
+    left_mask = mask[1:].flip(1)
+    got_left = tuned.verbalizer_logits(left, left_mask)
+    torch.testing.assert_close(got_left[0], tuned(input_ids=left, attention_mask=left_mask).logits[0, -1, words])
     labels = torch.tensor([1, 0])
     opt = torch.optim.Adam(tuned.prompt_encoder.parameters(), lr=0.1)
     first = None
@@ -310,3 +315,60 @@ def test_prefix_attribute_is_not_a_submodule_and_print(capsys):
     assert k.shape == (2, 3, 8) and v.shape == (2, 3, 8)  # (Hkv, P, D): prefix per kv head
     tuned.print_trainable_parameters()
     assert "trainable params: 192 " in capsys.readouterr().out  # 2 layers * (k, v) * 2 heads * 8 * 3
+
+
+def test_fused_attention_opt_out_and_layers_pattern():
+    model = make_model("llama")
+    tuned = lk.tune(model, lk.LoraConfig(r=2, target_modules=["q_proj"], layers_to_transform=0,
+                                         layers_pattern="layers"), fused_attention=False)
+    assert model.config._attn_implementation == "sdpa"
+    assert [n for n, m in model.named_modules() if isinstance(m, lk.LoRALinear)] == ["model.layers.0.self_attn.q_proj"]
+    tuned.unload()
+    tuned = lk.tune(model, lk.LoraConfig(r=2, target_modules=["q_proj"]))
+    assert model.config._attn_implementation == "lora_kernels"
+    tuned.unload()
+    assert model.config._attn_implementation == "sdpa"
+
+
+@pytest.mark.parametrize("method", ["lora", "prefix", "prompt"])
+@pytest.mark.parametrize("kind", DECODERS)
+def test_disable_adapter_gives_the_base_model(kind, method):
+    model = make_model(kind)
+    ids = batch(kind)["input_ids"]
+    base = model(input_ids=ids).logits
+    tuned = lk.tune(model, config_for(method, kind, **({"init_lora_weights": False} if method == "lora" else {})))
+    with torch.no_grad():
+        for p in tuned.parameters():
+            if p.requires_grad:
+                p.normal_()
+    tuned_logits = tuned(input_ids=ids).logits
+    with tuned.disable_adapter():
+        torch.testing.assert_close(tuned(input_ids=ids).logits, base, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(tuned(input_ids=ids).logits, tuned_logits)
+    assert (tuned_logits[:, -ids.shape[1]:] - base).abs().max() > 1e-3
+
+
+def test_forward_signature_is_the_wrapped_models():
+    """transformers' Trainer keeps the dataset columns named in the forward's signature."""
+    import inspect
+
+    tuned = lk.tune(make_model("gpt2"), config_for("prompt", "gpt2"))
+    params = inspect.signature(tuned.forward).parameters
+    assert {"input_ids", "attention_mask", "labels"} <= set(params)
+
+
+@pytest.mark.parametrize("method", ["prompt", "prefix"])
+def test_a_deep_copy_runs_its_own_adapter(method):
+    tuned = lk.tune(make_model("gpt2"), config_for(method, "gpt2"))
+    clone = copy.deepcopy(tuned)
+    encoder = clone.prompt_encoder if method == "prompt" else clone.prefix_encoder
+    with torch.no_grad():
+        encoder.embedding.weight.add_(1.0)
+    ids = batch("gpt2")["input_ids"]
+    assert not torch.equal(clone(input_ids=ids).logits, tuned(input_ids=ids).logits)
+    with clone.disable_adapter():  # the copy's switches act on the copy
+        plain = clone(input_ids=ids).logits
+    with tuned.disable_adapter():
+        torch.testing.assert_close(plain, tuned(input_ids=ids).logits)
+    with pytest.raises(RuntimeError, match="is a copy"):
+        clone.unload()

@@ -95,3 +95,47 @@ def test_peft_to_ours(kind, method, tmp_path):
     tuned = lk.load_adapter(model, tmp_path)
     ours = _logits(tuned, inputs, kind)
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+
+
+def test_peft_prompt_adapter_with_text_init_loads_without_its_tokenizer(tmp_path):
+    """PEFT records prompt_tuning_init TEXT and a tokenizer name; loading needs neither."""
+    model = make_model("gpt2")
+    theirs = peft.get_peft_model(copy.deepcopy(model), peft.PromptTuningConfig(num_virtual_tokens=3, task_type="CAUSAL_LM"))
+    theirs.save_pretrained(str(tmp_path))
+    data = json.loads((tmp_path / "adapter_config.json").read_text())
+    data.update(prompt_tuning_init="TEXT", prompt_tuning_init_text="hello",
+                tokenizer_name_or_path="/nonexistent/tokenizer")
+    (tmp_path / "adapter_config.json").write_text(json.dumps(data))
+    tuned = lk.load_adapter(model, tmp_path)
+    assert tuned.config_tuning.prompt_tuning_init == "TEXT"
+    ids = batch("gpt2")["input_ids"]
+    torch.testing.assert_close(tuned(input_ids=ids).logits[:, 3:], theirs.eval()(input_ids=ids).logits[:, 3:])
+
+
+@pytest.mark.parametrize("direction", ["ours_to_peft", "peft_to_ours"])
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+def test_lora_options_round_trip(kind, direction, tmp_path):
+    """rsLoRA, trainable biases, layers_to_transform, exclude_modules and modules_to_save."""
+    targets = {"gpt2": ["c_attn", "c_fc"], "llama": ["q_proj", "v_proj", "up_proj"]}[kind]
+    common = dict(r=4, lora_alpha=16, target_modules=targets, use_rslora=True, bias="all",
+                  layers_to_transform=[1], init_lora_weights=False)
+    if kind == "llama":
+        common.update(modules_to_save=["lm_head"], exclude_modules=["v_proj"])
+    model = make_model(kind)
+    reference = copy.deepcopy(model)
+    inputs = batch(kind)
+    if direction == "ours_to_peft":
+        tuned = lk.tune(model, lk.LoraConfig(**common))
+        _randomise(tuned)
+        tuned.save_adapter(tmp_path)
+        theirs_model = peft.PeftModel.from_pretrained(reference, str(tmp_path)).eval()
+        ours = _logits(tuned, inputs, kind)
+    else:
+        theirs_model = peft.get_peft_model(reference, peft.LoraConfig(task_type="CAUSAL_LM", **common))
+        _randomise(theirs_model)
+        theirs_model.eval().save_pretrained(str(tmp_path))
+        ours = _logits(lk.load_adapter(model, tmp_path), inputs, kind)
+    layers = [n for n, m in (model if direction == "peft_to_ours" else tuned.base_model).named_modules()
+              if isinstance(m, lk.LoRALinear)]
+    assert layers and all(".1." in n and "v_proj" not in n for n in layers)
+    torch.testing.assert_close(ours, _logits(theirs_model, inputs, kind), rtol=1e-5, atol=1e-5)

@@ -3,9 +3,10 @@
 // 1. delta = rowsum(dO * O) per query row.
 // 2. dK/dV: one block per (64-key tile, kv head, batch row) of the sequence keys, and one per
 //    (64-key tile, kv head, prefix row) of the prefix keys. Each loops over the q heads of its
-//    group (GQA reduced in registers/shared memory) and over query tiles of 32 rows; a prefix
-//    shared by the batch (Bp = 1) loops over every batch row too: the batch-reduced prefix
-//    gradient, with no atomics.
+//    group (GQA reduced in shared memory) and over query tiles of 32 rows; a prefix shared by
+//    the batch (Bp = 1) loops over batch rows too: the batch-reduced prefix gradient, with no
+//    atomics. To keep the GPU busy, the batch may be cut into chunks (grid z), each writing an
+//    fp32 partial to a workspace that is then summed in a fixed order (deterministic).
 // 3. dQ: one block per (64 query rows, q head, batch row) looping over prefix and sequence tiles.
 //
 // P is recomputed from the saved lse: p = exp2(s * scale * log2e - lse * log2e); dS = P (dP - delta).
@@ -13,6 +14,10 @@
 #include "attention_host.h"
 
 #include <ATen/ops/empty.h>
+#include <ATen/ops/sum.h>
+#include <ATen/ops/zeros.h>
+
+#include <algorithm>
 
 #include <tuple>
 
@@ -41,8 +46,12 @@ __global__ void __launch_bounds__(THREADS) attn_bwd_delta_kernel(const Params p,
 }
 
 // dK/dV of one 64-key tile of the sequence keys (is_prefix = false) or of the prefix keys.
+// b_per_chunk: batch rows per block (grid z) for a shared prefix; ws_k/ws_v: fp32 workspaces
+// (chunks, Hkv, P, D) for the per-chunk partials, or null to write dK/dV directly.
 template <typename T, int D>
-__global__ void __launch_bounds__(THREADS) attn_bwd_dkdv_kernel(const Params p, bool is_prefix) {
+__global__ void __launch_bounds__(THREADS) attn_bwd_dkdv_kernel(const Params p, bool is_prefix,
+                                                                int b_per_chunk, float* ws_k,
+                                                                float* ws_v) {
   using L = Ld<D>;
   using S = DkdvSmem<D>;
   extern __shared__ __align__(128) unsigned char smem[];
@@ -78,8 +87,9 @@ __global__ void __launch_bounds__(THREADS) attn_bwd_dkdv_kernel(const Params p, 
 
   // Batch rows whose queries see these keys: the prefix of a shared (Bp = 1) buffer is seen by
   // every batch row; anything else by its own row only.
-  const int b_begin = (is_prefix && p.Bp == 1) ? 0 : bk;
-  const int b_end = (is_prefix && p.Bp == 1) ? p.B : bk + 1;
+  const bool shared_prefix = is_prefix && p.Bp == 1;  // then bk is the batch chunk
+  const int b_begin = shared_prefix ? bk * b_per_chunk : bk;
+  const int b_end = shared_prefix ? min(p.B, b_begin + b_per_chunk) : bk + 1;
   // Causal: query i sees sequence key j iff i >= j - (Lk - Lq); earlier query tiles are skipped.
   int q_begin = 0;
   if (!is_prefix && p.causal) q_begin = max(0, n0 - (p.Lk - p.Lq)) / BMQ * BMQ;
@@ -165,6 +175,17 @@ __global__ void __launch_bounds__(THREADS) attn_bwd_dkdv_kernel(const Params p, 
   __syncthreads();
 
   // Store dK = scale * dS^T Q and dV for the keys that exist.
+  if (ws_k != nullptr) {
+    const int64_t ws_row0 = (static_cast<int64_t>(bk) * p.Hkv + hkv) * nkeys + n0;
+    for (int e = threadIdx.x; e < BN * D; e += THREADS) {
+      const int r = e / D, d = e % D;
+      if (r < nvalid) {
+        ws_k[(ws_row0 + r) * D + d] = dKs[r * L::A + d] * p.scale;
+        ws_v[(ws_row0 + r) * D + d] = dVs[r * L::A + d];
+      }
+    }
+    return;
+  }
   const int64_t out_row0 =
       ((static_cast<int64_t>(bk) * p.Hkv + hkv) * nkeys + n0);  // contiguous (Bx, Hkv, L, D)
   T* dkg = static_cast<T*>(is_prefix ? p.dpk : p.dk) + out_row0 * D;
@@ -299,8 +320,18 @@ __global__ void __launch_bounds__(THREADS) attn_bwd_dq_kernel(const Params p) {
   }
 }
 
+// Batch chunks for the gradient of a shared prefix: about two blocks per SM in all.
+inline int prefix_batch_chunks(const Params& p) {
+  if (p.Bp != 1 || p.B <= 1) return 1;
+  int device = 0, sms = 1;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  const int blocks = ceil_div(p.P, BN) * p.Hkv;
+  return std::max(1, std::min(p.B, ceil_div(2 * sms, blocks)));
+}
+
 template <typename T, int D>
-void launch_bwd(const Params& p) {
+void launch_bwd(const Params& p, float* ws_k, float* ws_v, int chunks) {
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const int64_t rows = static_cast<int64_t>(p.B) * p.Hq * p.Lq;
   if (rows > 0) {
@@ -312,12 +343,15 @@ void launch_bwd(const Params& p) {
   set_smem_limit(attn_bwd_dkdv_kernel<T, D>, kv_bytes, "prefix_attention_bwd");
   if (p.Lk > 0) {
     const dim3 grid(ceil_div(p.Lk, BN), p.Hkv, p.B);
-    attn_bwd_dkdv_kernel<T, D><<<grid, THREADS, kv_bytes, stream>>>(p, false);
+    attn_bwd_dkdv_kernel<T, D><<<grid, THREADS, kv_bytes, stream>>>(p, false, 1, nullptr, nullptr);
     LK_CHECK_LAUNCH();
   }
   if (p.P > 0) {
-    const dim3 grid(ceil_div(p.P, BN), p.Hkv, p.Bp);
-    attn_bwd_dkdv_kernel<T, D><<<grid, THREADS, kv_bytes, stream>>>(p, true);
+    // Bp = B: one block per prefix row. Bp = 1: `chunks` blocks, each over B / chunks rows.
+    const int b_per_chunk = p.Bp == 1 ? ceil_div(p.B, chunks) : 1;
+    const dim3 grid(ceil_div(p.P, BN), p.Hkv, p.Bp == 1 ? chunks : p.Bp);
+    attn_bwd_dkdv_kernel<T, D><<<grid, THREADS, kv_bytes, stream>>>(p, true, b_per_chunk, ws_k,
+                                                                     ws_v);
     LK_CHECK_LAUNCH();
   }
   if (p.Lq > 0) {
@@ -367,7 +401,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> prefix_at
   auto dv = at::empty(v.sizes(), v.options());
   auto dpk = at::empty(pk.sizes(), pk.options());
   auto dpv = at::empty(pv.sizes(), pv.options());
-  if (p.B == 0 || p.Hq == 0) return {dq, dk, dv, dpk, dpv};
+  if (p.B == 0 || p.Hq == 0)  // no query: every gradient is zero
+    return {dq, at::zeros(k.sizes(), k.options()), at::zeros(v.sizes(), v.options()),
+            at::zeros(pk.sizes(), pk.options()), at::zeros(pv.sizes(), pv.options())};
   auto delta = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
   p.out = const_cast<void*>(out.data_ptr());
   p.o_sb = out.stride(0); p.o_sh = out.stride(1); p.o_sl = out.stride(2);
@@ -379,10 +415,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> prefix_at
   p.dq = dq.data_ptr(); p.dk = dk.data_ptr(); p.dv = dv.data_ptr();
   p.dpk = dpk.data_ptr(); p.dpv = dpv.data_ptr();
   const int64_t D = q.size(3);
+  // A shared prefix over a batch: chunks of batch rows write fp32 partials, summed below.
+  int chunks = p.P > 0 ? prefix_batch_chunks(p) : 1;
+  if (chunks > 1) chunks = ceil_div(p.B, ceil_div(p.B, chunks));  // no empty chunk
+  at::Tensor ws_k, ws_v;
+  if (chunks > 1) {
+    ws_k = at::empty({chunks, pk.size(1), pk.size(2), D}, q.options().dtype(at::kFloat));
+    ws_v = at::empty({chunks, pk.size(1), pk.size(2), D}, q.options().dtype(at::kFloat));
+  }
   LK_DISPATCH_HALF(q.scalar_type(), T, op, [&] {
-    if (D == 64) launch_bwd<T, 64>(p);
-    else launch_bwd<T, 128>(p);
+    float* wk = chunks > 1 ? ws_k.data_ptr<float>() : nullptr;
+    float* wv = chunks > 1 ? ws_v.data_ptr<float>() : nullptr;
+    if (D == 64) launch_bwd<T, 64>(p, wk, wv, chunks);
+    else launch_bwd<T, 128>(p, wk, wv, chunks);
   });
+  if (chunks > 1) {
+    dpk = at::sum(ws_k, {0}, /*keepdim=*/true).to(pk.scalar_type());
+    dpv = at::sum(ws_v, {0}, /*keepdim=*/true).to(pv.scalar_type());
+  }
   return {dq, dk, dv, dpk, dpv};
 }
 

@@ -51,13 +51,16 @@ def attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     return [(name, m) for name, m in model.named_modules() if uses_attention_interface(m)]
 
 
-def is_cross_attention(module: nn.Module) -> bool:
-    return bool(getattr(module, "is_cross_attention", False)) or "Cross" in type(module).__name__
+def is_cross_attention(module: nn.Module, name: str = "") -> bool:
+    """Cross-attention by flag (GPT-2), class name (BERT) or module name (T5's EncDecAttention)."""
+    lowered = name.lower()
+    return (bool(getattr(module, "is_cross_attention", False)) or "Cross" in type(module).__name__
+            or "crossattention" in lowered or "encdecattention" in lowered or "cross_attn" in lowered)
 
 
 def self_attention_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """The self-attention modules in layer order (by ``layer_idx`` where they have one)."""
-    found = [(n, m) for n, m in attention_modules(model) if not is_cross_attention(m)]
+    found = [(n, m) for n, m in attention_modules(model) if not is_cross_attention(m, n)]
     if found and all(isinstance(getattr(m, "layer_idx", None), int) for _, m in found):
         found.sort(key=lambda item: item[1].layer_idx)
     return found

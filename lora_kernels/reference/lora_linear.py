@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import torch
 
-# Elements of x per dropout chunk: the mask of a chunk lives only while it is used.
+# Elements of x per dropout chunk: the mask of a chunk lives only while it is used. Small on
+# the CPU (the chunk stays in cache), large on a GPU (few kernel launches per call).
 CHUNK_ELEMENTS = 1 << 18
+CUDA_CHUNK_ELEMENTS = 1 << 22
 _SEED_MIX = 0x9E3779B97F4A7C15  # golden-ratio odd constant: spreads (seed, chunk) over 64 bits
 _MASK64 = (1 << 64) - 1
 
@@ -28,8 +30,9 @@ def s_dtype(adapter_dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(adapter_dtype, torch.float32)
 
 
-def rows_per_chunk(in_features: int) -> int:
-    return max(1, CHUNK_ELEMENTS // max(1, in_features))
+def rows_per_chunk(in_features: int, device: torch.device) -> int:
+    elements = CUDA_CHUNK_ELEMENTS if device.type == "cuda" else CHUNK_ELEMENTS
+    return max(1, elements // max(1, in_features))
 
 
 def _chunk_generator(seed: int, chunk: int, device: torch.device) -> torch.Generator:
@@ -50,7 +53,7 @@ class KeepMasks:
     order of magnitude faster than a bool one on the CPU."""
 
     def __init__(self, x: torch.Tensor, dropout_p: float, seed: int, dtype: torch.dtype):
-        rows = min(rows_per_chunk(x.shape[1]), x.shape[0])
+        rows = min(rows_per_chunk(x.shape[1], x.device), x.shape[0])
         self.in_features, self.seed, self.device = x.shape[1], seed, x.device
         self.threshold = float(int(round(dropout_p * 65536)) - 32768)
         self.words = torch.empty((rows * self.in_features + 3) // 4, dtype=torch.int64,
@@ -72,7 +75,7 @@ class KeepMasks:
 
 
 def _chunks(x: torch.Tensor):
-    step = rows_per_chunk(x.shape[1])
+    step = rows_per_chunk(x.shape[1], x.device)
     for chunk, start in enumerate(range(0, x.shape[0], step)):
         yield chunk, start, min(start + step, x.shape[0])
 
@@ -105,9 +108,37 @@ def forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
         y = torch.addmm(bias.to(x.dtype), x, weight.t())
     if lora_B.dtype == x.dtype:
         y.addmm_(s.to(x.dtype), lora_B.t(), alpha=scaling)
-    else:  # adapters in another dtype (fp32 over bf16): LoRA term in the adapter dtype, as PEFT
-        y.add_(torch.mm(s.to(lora_B.dtype), lora_B.t()), alpha=scaling)
+    else:  # adapters in another dtype (fp32 over bf16): LoRA term in the adapter dtype, as PEFT,
+        # added row chunk by row chunk so no (T, out) tensor in the adapter dtype exists
+        s_a = s.to(lora_B.dtype)
+        step = rows_per_chunk(y.shape[1], y.device)
+        for a in range(0, y.shape[0], step):
+            y[a : a + step].add_(torch.mm(s_a[a : a + step], lora_B.t()), alpha=scaling)
     return y, s
+
+
+def _grad_s_and_b(dy, lora_B, s_a, scaling, need_s, need_b):
+    """``dS = scaling dY B`` (T, r) and ``dB = scaling dY^T S`` (out, r) in the adapter dtype;
+    dY is cast to it row chunk by row chunk when the dtypes differ."""
+    adt = lora_B.dtype
+    if dy.dtype == adt:
+        ds = torch.mm(dy, lora_B).mul_(scaling) if need_s else None
+        dB = torch.mm(dy.t(), s_a).mul_(scaling) if need_b else None
+        return ds, dB
+    ds = torch.empty(dy.shape[0], lora_B.shape[1], device=dy.device, dtype=adt) if need_s else None
+    dB = torch.zeros_like(lora_B) if need_b else None
+    step = rows_per_chunk(dy.shape[1], dy.device)
+    for a in range(0, dy.shape[0], step):
+        dy_a = dy[a : a + step].to(adt)
+        if need_s:
+            torch.mm(dy_a, lora_B, out=ds[a : a + step])
+        if need_b:
+            dB.addmm_(dy_a.t(), s_a[a : a + step])
+    if need_s:
+        ds.mul_(scaling)
+    if need_b:
+        dB.mul_(scaling)
+    return ds, dB
 
 
 def backward(dy, x, weight, lora_A, lora_B, s, scaling, dropout_p, seed, needs):
@@ -115,10 +146,7 @@ def backward(dy, x, weight, lora_A, lora_B, s, scaling, dropout_p, seed, needs):
     lora_A, lora_B) need one (None where not). dweight (out, in) as ``weight`` was passed."""
     need_x, need_w, need_b, need_a, need_bb = needs
     adt = lora_A.dtype
-    dy_a = dy if dy.dtype == adt else dy.to(adt)
-    ds = torch.mm(dy_a, lora_B).mul_(scaling) if (need_x or need_a) else None  # (T, r)
-    dB = torch.mm(dy_a.t(), s.to(adt)).mul_(scaling) if need_bb else None
-    del dy_a
+    ds, dB = _grad_s_and_b(dy, lora_B, s.to(adt), scaling, need_x or need_a, need_bb)
     dx = dA = None
     if need_x:
         dx = torch.mm(dy, weight.to(dy.dtype))
@@ -138,7 +166,10 @@ def backward(dy, x, weight, lora_A, lora_B, s, scaling, dropout_p, seed, needs):
                 keep = masks(chunk, b - a) if dropout_p else None
                 if need_x:
                     g = torch.mm(ds[a:b], lora_A)  # (rows, in) in the adapter dtype
-                    dx[a:b].add_(g if keep is None else g.mul_(keep))
+                    if keep is not None:
+                        g.mul_(keep)
+                    # a same-dtype add is several times faster than a mixed one on the CPU
+                    dx[a:b].add_(g if g.dtype == dx.dtype else g.to(dx.dtype))
                 if need_a:  # the mask buffer becomes dropout(x) (unscaled: ds carries 1/(1-p))
                     xd = x[a:b].to(adt) if keep is None else keep.mul_(x[a:b])
                     dA.addmm_(ds[a:b].t(), xd)

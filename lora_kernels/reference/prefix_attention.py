@@ -8,11 +8,15 @@ Two things live here.
 - :func:`forward` / :func:`backward`: the torch backend of the op (the backend contract of the
   package). Nothing is concatenated or expanded per batch row: the sequence part runs through
   PyTorch's CPU flash-attention kernel (``aten._scaled_dot_product_flash_attention_for_cpu``,
-  which returns the log-sum-exp and reads grouped-query heads without copies; its causal fast
-  path when there is no padding and ``Lq == Lk``), the prefix part through small batched
-  matmuls, and the two are merged with their log-sum-exps. The backward is the
+  which returns the log-sum-exp and reads grouped-query heads without copies), causal
+  attention split into query chunks that attend only the keys they can see (the kernel costs
+  Lq * Lk whether causal or not); the prefix part is a second flash call on the stride-0
+  expanded prefix (a view, no copy); the two are merged with their log-sum-exps (one lerp).
+  Off the CPU the backend runs the oracle (the triton and cuda backends are the fast ones). The backward is the
   FlashAttention one, split the same way: with the *merged* output and log-sum-exp, the flash
-  backward of the sequence part gives exactly the sequence part of the full gradient.
+  backward of each part gives exactly that part of the full gradient (causal squares without
+  padding split their keys into blocks, each seen top-left causally by the queries from its
+  first key on).
 """
 
 from __future__ import annotations
@@ -174,39 +178,60 @@ def _sequence_chunk_forward(q, k, v, key_padding_mask, causal, scale, a, b, e):
     return out, lse
 
 
+def _cpu_flash(q: torch.Tensor) -> bool:
+    """The split flash path needs PyTorch's CPU flash kernel; elsewhere (CUDA tensors, where
+    the triton and cuda backends are the fast ones) the torch backend runs the oracle."""
+    return q.device.type == "cpu"
+
+
 def forward(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale):
     """q (B, Hq, Lq, D); k, v (B, Hkv, Lk, D); prefix_k/v (Bp, Hkv, P, D) or None;
     key_padding_mask (B, Lk) bool or None -> (out (B, Hq, Lq, D) q.dtype, lse (B, Hq, Lq) fp32,
     fp64 for fp64 inputs; -inf and a zero output for a row that sees no key)."""
+    if not _cpu_flash(q):
+        with torch.no_grad():
+            return oracle(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale,
+                          return_lse=True)
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     P = 0 if prefix_k is None else prefix_k.shape[2]
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-    if Lk > 0:
-        parts = [_sequence_chunk_forward(q, k, v, key_padding_mask, causal, scale, *c)
-                 for c in _causal_chunks(Lq, Lk, causal)]
-        out_s = parts[0][0] if len(parts) == 1 else torch.cat([o for o, _ in parts], 2)
-        lse_s = parts[0][1] if len(parts) == 1 else torch.cat([lse for _, lse in parts], 2)
-        lse_s = lse_s.to(acc)
+    chunks = _causal_chunks(Lq, Lk, causal) if Lk > 0 else []
+    if P == 0 and len(chunks) == 1:
+        out, lse = _sequence_chunk_forward(q, k, v, key_padding_mask, causal, scale, *chunks[0])
+        return out, lse.to(acc)
+    lse = torch.full((B, Hq, Lq), -math.inf, dtype=acc, device=q.device)
+    if P > 0:
+        # prefix part, normalised on its own; the expanded prefix is a stride-0 view, no copy
+        pk, pv = prefix_k.expand(B, Hkv, P, D), prefix_v.expand(B, Hkv, P, D)
+        out_p, lse_p = _flash_fwd(q, pk, pv, 0.0, False, scale=scale)
+        lse.copy_(lse_p)
+        # merged in place: out = lerp(out_s, out_p, w_p), w_p = sigmoid(lse_p - lse_s), one
+        # pass over the output (fp32/fp64; half types merge in fp32 and round once)
+        out = out_p if out_p.dtype == acc else out_p.to(acc)
     else:
-        out_s = torch.zeros(q.shape, dtype=q.dtype, device=q.device)
-        lse_s = torch.full((B, Hq, Lq), -math.inf, dtype=acc, device=q.device)
-    if P == 0:
-        return out_s, lse_s
-    # prefix part, normalised on its own; the expanded prefix is a stride-0 view, no copy
-    pk, pv = prefix_k.expand(B, Hkv, P, D), prefix_v.expand(B, Hkv, P, D)
-    out_p, lse_p = _flash_fwd(q, pk, pv, 0.0, False, scale=scale)
-    lse_p = lse_p.to(acc)
-    lse = torch.logaddexp(lse_p, lse_s)  # finite: every query sees the prefix
-    w_p = torch.exp(lse_p - lse).unsqueeze(-1)
-    w_s = torch.exp(lse_s - lse).unsqueeze(-1)
-    out = out_p.to(acc).mul_(w_p).addcmul_(out_s.to(acc), w_s)
+        out = torch.zeros(q.shape, dtype=acc, device=q.device)
+    for a, b, e in chunks:
+        out_s, lse_s = _sequence_chunk_forward(q, k, v, key_padding_mask, causal, scale, a, b, e)
+        lse_s = lse_s.to(acc)
+        if P == 0:
+            out[:, :, a:b] = out_s
+            lse[:, :, a:b] = lse_s
+            continue
+        lse_pc = lse[:, :, a:b]
+        w_p = torch.sigmoid(lse_pc - lse_s).unsqueeze_(-1)  # 1 where no sequence key is seen
+        out_c = out[:, :, a:b]
+        torch.lerp(out_s.to(acc), out_c, w_p, out=out_c)
+        lse_pc.copy_(torch.logaddexp(lse_pc, lse_s))
     return out.to(q.dtype), lse
 
 
 def backward(dout, q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse, causal, scale):
     """Gradients (dq, dk, dv, dprefix_k, dprefix_v) of :func:`forward` with respect to its
     tensors, in their shapes and dtypes (dprefix (Bp, Hkv, P, D), or None when P == 0)."""
+    if not _cpu_flash(q):
+        return _oracle_backward(dout, q, k, v, prefix_k, prefix_v, key_padding_mask, causal,
+                                scale)
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     P = 0 if prefix_k is None else prefix_k.shape[2]
@@ -214,38 +239,69 @@ def backward(dout, q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse, caus
     dout = dout.contiguous()
     # a row that saw no key has lse = -inf and contributes nothing: exp(s - inf) = 0
     lse_b = lse.to(acc).masked_fill(torch.isneginf(lse), math.inf)
-    dq = dk = dv = None
+    dq = None
+    if P > 0:
+        Bp = prefix_k.shape[0]
+        pk, pv = prefix_k.expand(B, Hkv, P, D), prefix_v.expand(B, Hkv, P, D)
+        dq, dpk, dpv = _flash_bwd(dout, q, pk, pv, out, lse_b.to(lse.dtype), 0.0, False,
+                                  scale=scale)
+        if Bp == 1 and B > 1:
+            dpk, dpv = dpk.sum(0, keepdim=True, dtype=acc), dpv.sum(0, keepdim=True, dtype=acc)
+        dpk, dpv = dpk.to(prefix_k.dtype), dpv.to(prefix_v.dtype)
+        dq = dq.to(acc)
+    else:
+        dpk = dpv = None
+    dk = dv = None
+    chunks = _causal_chunks(Lq, Lk, causal, MAX_CHUNKS_BACKWARD) if Lk > 0 else []
+    if len(chunks) > 1 and key_padding_mask is None and Lq == Lk:
+        # causal square without padding: split the *keys* instead. Key block [s, e) is seen
+        # by queries [s, Lq) only, and in those local coordinates the mask is top-left causal
+        # (the kernel's fast path); its dK/dV come out whole, dQ adds up over the blocks.
+        dq = torch.zeros(q.shape, dtype=acc, device=q.device) if dq is None else dq
+        dks, dvs = [], []
+        for s, e, _ in chunks:
+            g = _flash_bwd(dout[:, :, s:], q[:, :, s:], k[:, :, s:e], v[:, :, s:e],
+                           out[:, :, s:], lse_b[:, :, s:], 0.0, True, scale=scale)
+            dq[:, :, s:] += g[0]
+            dks.append(g[1])
+            dvs.append(g[2])
+        return dq.to(q.dtype), torch.cat(dks, 2), torch.cat(dvs, 2), dpk, dpv
     if Lk > 0:
-        # the last chunk covers every key: its gradients are the accumulators
-        for a, b, e in reversed(_causal_chunks(Lq, Lk, causal, MAX_CHUNKS_BACKWARD)):
+        # the last chunk covers every key: its gradients are the accumulators of dk, dv
+        for a, b, e in reversed(chunks):
             kpm = None if key_padding_mask is None else key_padding_mask[:, :e]
             is_causal, bias, _ = _sequence_bias(q[:, :, a:b], e, kpm, causal)
             g = _flash_bwd(dout[:, :, a:b], q[:, :, a:b], k[:, :, :e], v[:, :, :e],
                            out[:, :, a:b], lse_b[:, :, a:b], 0.0, is_causal, attn_mask=bias,
                            scale=scale)
             if dq is None and b - a == Lq:
-                dq, dk, dv = g
+                dq = g[0]
             elif dq is None:
-                dq = torch.empty_like(q)
+                dq = torch.zeros(q.shape, dtype=acc, device=q.device)
                 dq[:, :, a:b] = g[0]
+            else:
+                dq[:, :, a:b] += g[0]
+            if dk is None:
                 dk, dv = g[1].to(acc), g[2].to(acc)
             else:
-                dq[:, :, a:b] = g[0]
                 dk[:, :, :e] += g[1]
                 dv[:, :, :e] += g[2]
         dk, dv = dk.to(k.dtype), dv.to(v.dtype)
     else:
-        dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-    if P == 0:
-        return dq, dk, dv, None, None
-    Bp = prefix_k.shape[0]
-    pk, pv = prefix_k.expand(B, Hkv, P, D), prefix_v.expand(B, Hkv, P, D)
-    dq_p, dpk, dpv = _flash_bwd(dout, q, pk, pv, out, lse_b.to(lse.dtype), 0.0, False,
-                                scale=scale)
-    if Bp == 1 and B > 1:
-        dpk, dpv = dpk.sum(0, keepdim=True, dtype=acc), dpv.sum(0, keepdim=True, dtype=acc)
-    dq = dq_p.to(acc).add_(dq).to(q.dtype)
-    return dq, dk, dv, dpk.to(prefix_k.dtype), dpv.to(prefix_v.dtype)
+        dk, dv = torch.zeros_like(k), torch.zeros_like(v)
+        dq = torch.zeros_like(q) if dq is None else dq
+    return dq.to(q.dtype), dk, dv, dpk, dpv
+
+
+def _oracle_backward(dout, q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale):
+    """Gradients by recomputing the oracle under autograd (the torch backend off the CPU)."""
+    tensors = [None if t is None else t.detach().requires_grad_()
+               for t in (q, k, v, prefix_k, prefix_v)]
+    with torch.enable_grad():
+        out = oracle(*tensors, key_padding_mask, causal, scale)
+        present = [t for t in tensors if t is not None]
+        grads = iter(torch.autograd.grad(out, present, dout))
+    return tuple(None if t is None else next(grads) for t in tensors)
 
 
 def flops(B: int, Hq: int, Lq: int, Lk: int, P: int, D: int, causal: bool) -> float:

@@ -26,6 +26,8 @@ Backend contract: ``forward``, ``backward``, ``not_supported_reasons`` (see the 
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import triton
 import triton.language as tl
@@ -128,12 +130,12 @@ def _grouped_pid(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl
     return pid_m, pid_n
 
 
-@triton.autotune(configs=_configs("shrink"), key=["T", "IN", "R"])
+@triton.autotune(configs=_configs("shrink"), key=["T_KEY", "IN", "R"])
 @triton.jit
 def _shrink(
     x_ptr, a_ptr, s_ptr,
     seed, p, inv_keep,
-    T, IN, R,
+    T, IN, R, T_KEY,
     stride_xm, stride_xk, stride_ar, stride_ak, stride_sm, stride_sr,
     HAS_DROPOUT: tl.constexpr, CT: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -158,12 +160,12 @@ def _shrink(
              mask=(rm[:, None] < T) & (rr[None, :] < R))
 
 
-@triton.autotune(configs=_configs("fwd"), key=["T", "IN", "OUT", "R"])
+@triton.autotune(configs=_configs("fwd"), key=["T_KEY", "IN", "OUT", "R"])
 @triton.jit
 def _fwd_gemm(
     x_ptr, w_ptr, bias_ptr, s_ptr, b_ptr, y_ptr,
     scaling,
-    T, IN, OUT, R,
+    T, IN, OUT, R, T_KEY,
     stride_xm, stride_xk, stride_wn, stride_wk, stride_sm, stride_sr,
     stride_bn, stride_br, stride_ym, stride_yn,
     HAS_BIAS: tl.constexpr, CT_BASE: tl.constexpr, CT_LORA: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -197,12 +199,12 @@ def _fwd_gemm(
              _to_out(acc, y_ptr.dtype.element_ty), mask=(rm[:, None] < T) & (rn[None, :] < OUT))
 
 
-@triton.autotune(configs=_configs("ds_db"), key=["T", "OUT", "R"], reset_to_zero=["db_ptr"])
+@triton.autotune(configs=_configs("ds_db"), key=["T_KEY", "OUT", "R"], reset_to_zero=["db_ptr"])
 @triton.jit
 def _ds_db(
     dy_ptr, b_ptr, s_ptr, ds_ptr, db_ptr,
     scaling,
-    T, OUT, R,
+    T, OUT, R, T_KEY,
     stride_dym, stride_dyn, stride_bn, stride_br, stride_sm, stride_sr,
     stride_dsm, stride_dsr, stride_dbn, stride_dbr,
     NEED_DS: tl.constexpr, NEED_DB: tl.constexpr, CT: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -234,12 +236,12 @@ def _ds_db(
                  mask=(rm[:, None] < T) & (rr[None, :] < R))
 
 
-@triton.autotune(configs=_configs("dx"), key=["T", "IN", "OUT", "R"])
+@triton.autotune(configs=_configs("dx"), key=["T_KEY", "IN", "OUT", "R"])
 @triton.jit
 def _dx(
     dy_ptr, w_ptr, ds_ptr, a_ptr, dx_ptr,
     seed, p, inv_keep,
-    T, IN, OUT, R,
+    T, IN, OUT, R, T_KEY,
     stride_dym, stride_dyn, stride_wn, stride_wk, stride_dsm, stride_dsr,
     stride_ar, stride_ak, stride_dxm, stride_dxk,
     HAS_DROPOUT: tl.constexpr, CT_BASE: tl.constexpr, CT_LORA: tl.constexpr,
@@ -273,12 +275,12 @@ def _dx(
              _to_out(acc, dx_ptr.dtype.element_ty), mask=(rm[:, None] < T) & (rn[None, :] < IN))
 
 
-@triton.autotune(configs=_configs("da"), key=["T", "IN", "R"])
+@triton.autotune(configs=_configs("da"), key=["T_KEY", "IN", "R"])
 @triton.jit
 def _da(
     ds_ptr, x_ptr, da_ptr,
     seed, p, inv_keep,
-    T, IN, R,
+    T, IN, R, T_KEY,
     stride_dsm, stride_dsr, stride_xm, stride_xk, stride_dar, stride_dak,
     HAS_DROPOUT: tl.constexpr, CT: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -313,6 +315,12 @@ def _ct(dtype: torch.dtype) -> int:
     return {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}[dtype]
 
 
+def _t_key(T: int) -> int:
+    """Autotuning key of the row count: its power-of-two bucket (up to 16384), so that varying
+    batch and sequence lengths do not re-tune the kernels at every new length."""
+    return min(triton.next_power_of_2(max(T, 1)), 16384)
+
+
 def _block_r(r: int) -> int:
     return max(16, triton.next_power_of_2(r))
 
@@ -322,24 +330,36 @@ def _dropout_args(dropout_p: float, seed: int):
     return int(seed) & 0x7FFFFFFFFFFFFFFF, p, (1.0 / (1.0 - p)) if p > 0 else 1.0
 
 
+def _on_device(t: torch.Tensor):
+    """Launch on ``t``'s GPU (Triton launches on the current device)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
 def forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
     """x (T, in); weight (out, in); bias (out,) or None; lora_A (r, in); lora_B (out, r)
     -> (y (T, out) in x's dtype, s (T, r) float32). See the module docstring."""
+    with _on_device(x):
+        return _forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
+
+
+def _forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
     T, IN = x.shape
     OUT, R = weight.shape[0], lora_A.shape[0]
     s = torch.empty(T, R, device=x.device, dtype=torch.float32)
     y = torch.empty(T, OUT, device=x.device, dtype=x.dtype)
-    if T == 0 or OUT == 0:
+    if T == 0:
         return y, s
     seed, p, inv_keep = _dropout_args(dropout_p, seed)
     block_r = _block_r(R)
     _shrink[lambda m: (triton.cdiv(T, m["BLOCK_M"]),)](
-        x, lora_A, s, seed, p, inv_keep, T, IN, R,
+        x, lora_A, s, seed, p, inv_keep, T, IN, R, _t_key(T),
         x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1), s.stride(0), s.stride(1),
         HAS_DROPOUT=p > 0, CT=_ct(lora_A.dtype), BLOCK_R=block_r,
     )
+    if OUT == 0:
+        return y, s
     _fwd_gemm[lambda m: (triton.cdiv(T, m["BLOCK_M"]) * triton.cdiv(OUT, m["BLOCK_N"]),)](
-        x, weight, bias if bias is not None else y, s, lora_B, y, float(scaling), T, IN, OUT, R,
+        x, weight, bias if bias is not None else y, s, lora_B, y, float(scaling), T, IN, OUT, R, _t_key(T),
         x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), s.stride(0), s.stride(1),
         lora_B.stride(0), lora_B.stride(1), y.stride(0), y.stride(1),
         HAS_BIAS=bias is not None, CT_BASE=_ct(x.dtype), CT_LORA=_ct(lora_B.dtype),
@@ -351,6 +371,11 @@ def forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
 def backward(dy, x, weight, lora_A, lora_B, s, scaling, dropout_p, seed, needs):
     """Gradients ``(dx, dweight, dbias, dA, dB)`` for ``needs`` (x, weight, bias, lora_A,
     lora_B), None where not needed; dweight (out, in) in the layout ``weight`` was passed."""
+    with _on_device(x):
+        return _backward(dy, x, weight, lora_A, lora_B, s, scaling, dropout_p, seed, needs)
+
+
+def _backward(dy, x, weight, lora_A, lora_B, s, scaling, dropout_p, seed, needs):
     need_x, need_w, need_b, need_a, need_bb = (bool(n) for n in needs)
     T, IN = x.shape
     OUT, R = weight.shape[0], lora_A.shape[0]
@@ -363,7 +388,7 @@ def backward(dy, x, weight, lora_A, lora_B, s, scaling, dropout_p, seed, needs):
     db32 = torch.zeros(OUT, R, device=dev, dtype=torch.float32) if need_bb else None
     if (need_ds or need_bb) and T > 0 and OUT > 0:
         _ds_db[lambda m: (triton.cdiv(T, m["BLOCK_M"]),)](
-            dy, lora_B, s, ds, db32 if db32 is not None else ds, float(scaling), T, OUT, R,
+            dy, lora_B, s, ds, db32 if db32 is not None else ds, float(scaling), T, OUT, R, _t_key(T),
             dy.stride(0), dy.stride(1), lora_B.stride(0), lora_B.stride(1), s.stride(0), s.stride(1),
             ds.stride(0), ds.stride(1),
             db32.stride(0) if db32 is not None else 0, db32.stride(1) if db32 is not None else 0,
@@ -376,7 +401,7 @@ def backward(dy, x, weight, lora_A, lora_B, s, scaling, dropout_p, seed, needs):
         dx = torch.empty(T, IN, device=dev, dtype=x.dtype)
         if T > 0 and IN > 0:
             _dx[lambda m: (triton.cdiv(T, m["BLOCK_M"]) * triton.cdiv(IN, m["BLOCK_N"]),)](
-                dy, weight, ds, lora_A, dx, seed, p, inv_keep, T, IN, OUT, R,
+                dy, weight, ds, lora_A, dx, seed, p, inv_keep, T, IN, OUT, R, _t_key(T),
                 dy.stride(0), dy.stride(1), weight.stride(0), weight.stride(1),
                 ds.stride(0), ds.stride(1), lora_A.stride(0), lora_A.stride(1),
                 dx.stride(0), dx.stride(1),
@@ -386,7 +411,7 @@ def backward(dy, x, weight, lora_A, lora_B, s, scaling, dropout_p, seed, needs):
         dA = torch.empty(R, IN, device=dev, dtype=adt)
         if IN > 0:
             _da[lambda m: (triton.cdiv(IN, m["BLOCK_N"]),)](
-                ds, x, dA, seed, p, inv_keep, T, IN, R,
+                ds, x, dA, seed, p, inv_keep, T, IN, R, _t_key(T),
                 ds.stride(0), ds.stride(1), x.stride(0), x.stride(1), dA.stride(0), dA.stride(1),
                 HAS_DROPOUT=p > 0, CT=ct_lora, BLOCK_R=block_r,
             )

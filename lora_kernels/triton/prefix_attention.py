@@ -23,6 +23,7 @@ Triton's interpreter (INTERPRETER, see _common.py).
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 import triton
@@ -41,13 +42,22 @@ def _configs() -> list[triton.Config]:
         return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 16}, num_warps=1, num_stages=1)]
     return [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-        for bm, bn, w, s in [
-            (128, 64, 8, 2), (128, 32, 4, 2), (64, 64, 4, 2), (64, 32, 4, 3),
-            (64, 64, 4, 3), (32, 32, 4, 2), (32, 16, 2, 2), (16, 16, 2, 1),
-        ]
+        for bm, bn, w, s in [(64, 64, 4, 2), (128, 64, 8, 2), (64, 32, 4, 3), (32, 32, 4, 2)]
     ]
 
 
+def _prune_configs(configs, named_args, **kwargs):
+    """Drop the large tiles for head dims over 128 (registers), and keep only the first
+    config when LORA_KERNELS_AUTOTUNE=0 (quick GPU tests: one compile per specialisation)."""
+    keep = [c for c in configs
+            if kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 0)) <= 128
+            or c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] <= 64 * 64] or configs[:1]
+    if os.environ.get("LORA_KERNELS_AUTOTUNE", "1").strip() == "0":
+        keep = keep[:1]
+    return keep
+
+
+_PRUNE = {"early_config_prune": _prune_configs}
 _KEY = ["Lq", "Lk", "P", "BLOCK_D", "G"]
 
 
@@ -75,7 +85,7 @@ def _online_block(q, kt, v, m_i, l_i, acc, valid, qk_scale, DOT_FP32: tl.constex
     return m_new, l_i, acc
 
 
-@triton.autotune(configs=_configs(), key=_KEY)
+@triton.autotune(configs=_configs(), key=_KEY, prune_configs_by=_PRUNE)
 @triton.jit
 def _fwd_kernel(
     Q, K, V, PK, PV, KPM, O, LSE,
@@ -164,7 +174,8 @@ def _delta_kernel(
     tl.store(DELTA + pid_bh.to(tl.int64) * Lq + offs_m, tl.sum(o * do, 1), mask=offs_m < Lq)
 
 
-@triton.autotune(configs=_configs(), key=["Lq", "Lk", "N", "BLOCK_D", "G", "IS_PREFIX"])
+@triton.autotune(configs=_configs(), key=["Lq", "Lk", "N", "BLOCK_D", "G", "IS_PREFIX"],
+                  prune_configs_by=_PRUNE)
 @triton.jit
 def _bwd_kv_kernel(
     Q, KX, VX, DO, LSE, DELTA, KPM, DKX, DVX,
@@ -250,7 +261,7 @@ def _dq_block(q, do, lse2, delta, kt, v, valid, qk_scale, DOT_FP32: tl.constexpr
     return _dot(ds.to(kt.dtype), tl.trans(kt), DOT_FP32)
 
 
-@triton.autotune(configs=_configs(), key=_KEY)
+@triton.autotune(configs=_configs(), key=_KEY, prune_configs_by=_PRUNE)
 @triton.jit
 def _bwd_dq_kernel(
     Q, K, V, PK, PV, KPM, DO, LSE, DELTA, DQ,

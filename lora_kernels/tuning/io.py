@@ -16,6 +16,7 @@ Fields PEFT does not have (prompt template, verbalizer, ...) go to ``lora_kernel
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import os
 
@@ -200,6 +201,10 @@ def load_adapter(model: nn.Module, directory, *, is_trainable: bool = False, all
         return _load_full(model, config, tensors, is_trainable, fused_attention)
     if isinstance(config, PrefixTuningConfig):
         config.prefix_projection = False  # the file holds the encoder's output
+    init = getattr(config, "prompt_tuning_init", None)
+    if isinstance(config, PromptTuningConfig):
+        # the weights come from the file: no tokenizer needed to initialise them
+        config = dataclasses.replace(config, prompt_tuning_init="RANDOM")
     if isinstance(config, LoraConfig):
         _precheck_lora(model, config, tensors)
     try:
@@ -212,6 +217,8 @@ def load_adapter(model: nn.Module, directory, *, is_trainable: bool = False, all
     except BaseException:
         tuned.unload()
         raise
+    if init is not None:
+        tuned.config_tuning.prompt_tuning_init = init
     if not is_trainable:
         for p in tuned.parameters():
             p.requires_grad_(False)

@@ -5,6 +5,7 @@ undo step, so a failure half-way (or ``unload()``) puts the model back exactly a
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import inspect
@@ -14,7 +15,7 @@ import torch
 from torch import nn
 
 from ..integrations import transformers as hf_attention
-from ..integrations.model_families import attention_geometry, self_attention_layers, text_config
+from ..integrations.model_families import attention_geometry, self_attention_layers
 from ..nn.lora_linear import LoRALinear
 from ..nn.prefix_encoder import PrefixEncoder
 from ..nn.prompt_encoder import PromptEncoder
@@ -28,6 +29,24 @@ from .config import (
 from .lora import _matches, lora_layers, resolve_target_names, wrap_targets
 
 _CLASSIFIER_HEADS = ("classifier", "score")
+
+
+class _ForwardWithBaseSignature:
+    """``TunedModel.forward``: ``TunedModel._forward`` bound to the instance, carrying the
+    wrapped model's signature, so tools that keep the dataset columns named in the forward's
+    parameters (transformers' Trainer) see ``input_ids``, ``labels``, ... (no per-instance
+    state, so deepcopy and DDP are unaffected)."""
+
+    def __get__(self, obj, objtype=None):
+        if obj is None:
+            return TunedModel._forward
+        bound = functools.partial(TunedModel._forward, obj)
+        base = obj._modules.get("base_model")
+        try:
+            bound.__signature__ = inspect.signature(base.forward)
+        except (TypeError, ValueError, AttributeError):
+            pass
+        return bound
 
 
 class TunedModel(nn.Module):
@@ -44,7 +63,8 @@ class TunedModel(nn.Module):
         self.prefix_encoder: PrefixEncoder | None = None
         self._undo: list = []
         self._saved_modules: dict[str, nn.Module] = {}  # modules_to_save: name -> original
-        self._position_hook = None
+        self._adapter_enabled = True
+        self._owner = id(model)  # the undo steps act on this model object
 
     # -- attribute fallback -----------------------------------------------------------------
     def __getattr__(self, name: str):
@@ -60,15 +80,19 @@ class TunedModel(nn.Module):
         return self.config_tuning
 
     # -- forward / generate ---------------------------------------------------------------
-    def forward(self, *args, **kwargs):
-        if self.prompt_encoder is not None:
+    forward = _ForwardWithBaseSignature()
+
+    def _forward(self, *args, **kwargs):
+        """The wrapped model's forward (same arguments: ``input_ids`` (B, L) int64,
+        ``attention_mask`` (B, L), ``labels``, ...). Prompt tuning returns (B, P + L) positions."""
+        if self.prompt_encoder is not None and self._adapter_enabled:
             return self.base_model(**self._prompt_inputs(*args, **kwargs))
         return self.base_model(*args, **kwargs)
 
     def generate(self, *args, **kwargs):
         """As ``base_model.generate``. With prompt tuning the virtual tokens are prepended
         (as ``inputs_embeds``) and the returned sequences start with ``input_ids``."""
-        if self.prompt_encoder is None:
+        if self.prompt_encoder is None or not self._adapter_enabled:
             return self.base_model.generate(*args, **kwargs)
         input_ids = kwargs.pop("input_ids", args[0] if args else None)
         if input_ids is None:
@@ -131,11 +155,42 @@ class TunedModel(nn.Module):
         verbalizer words after the last real token, in ``verbalizer`` order."""
         ids = self.verbalizer_token_ids(tokenizer)
         logits = self(input_ids=input_ids, attention_mask=attention_mask).logits
-        last = (attention_mask.long().sum(1) - 1) if attention_mask is not None else \
-            torch.full((input_ids.shape[0],), input_ids.shape[1] - 1, device=input_ids.device)
-        last = last + (logits.shape[1] - input_ids.shape[1])
+        L = input_ids.shape[1]
+        if attention_mask is None:
+            last = torch.full((input_ids.shape[0],), L - 1, device=input_ids.device)
+        else:  # the last real token, with left or right padding
+            last = L - 1 - attention_mask.long().flip(1).argmax(1)
+        last = last + (logits.shape[1] - L)
         rows = logits[torch.arange(logits.shape[0], device=logits.device), last]
         return rows[:, ids]
+
+    @contextlib.contextmanager
+    def disable_adapter(self):
+        """Within the block the model runs without the method (LoRA updates, prefix, virtual
+        tokens off; modules_to_save keep their trained copies), e.g. for a reference model."""
+        config = self.config_tuning
+        if isinstance(config, FullFineTuningConfig):
+            raise ValueError("disable_adapter: full fine-tuning has no adapter to disable")
+        layers = lora_layers(self.base_model) if isinstance(config, LoraConfig) else {}
+        if any(layer.merged for layer in layers.values()):
+            raise ValueError("disable_adapter: unmerge_adapter() first")
+        scalings = {name: layer.scaling for name, layer in layers.items()}
+        attrs = {}
+        for name, module in self.base_model.named_modules():
+            for key in (hf_attention.PREFIX_ATTR, POSITION_ATTR):
+                if key in module.__dict__:
+                    attrs[name, key] = module.__dict__.pop(key)
+        self._adapter_enabled = False
+        try:
+            for layer in layers.values():
+                layer.scaling = 0.0
+            yield self
+        finally:
+            self._adapter_enabled = True
+            for name, layer in layers.items():
+                layer.scaling = scalings[name]
+            for (name, key), value in attrs.items():
+                self.base_model.get_submodule(name).__dict__[key] = value
 
     # -- reporting --------------------------------------------------------------------------
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
@@ -186,6 +241,11 @@ class TunedModel(nn.Module):
                 layer.unmerge()
 
     # -- undoing ----------------------------------------------------------------------------
+    def _check_owner(self, what: str) -> None:
+        if self.__dict__.get("_owner") != id(self.base_model):
+            raise RuntimeError(f"{what}: this TunedModel is a copy; its undo steps would act on the "
+                               "original model (call it on the original)")
+
     def _run_undo(self) -> None:
         while self._undo:
             self._undo.pop()()
@@ -193,6 +253,7 @@ class TunedModel(nn.Module):
     def unload(self) -> nn.Module:
         """Remove the method without merging: original modules, parameters' requires_grad,
         attention implementation and state-dict keys back. Returns the base model."""
+        self._check_owner("unload")
         model = self.base_model
         self._run_undo()
         self.prompt_encoder = self.prefix_encoder = None
@@ -206,6 +267,7 @@ class TunedModel(nn.Module):
         if isinstance(config, (PromptTuningConfig, PrefixTuningConfig)):
             raise ValueError(f"merge_and_unload: {config.peft_type} has no weights to merge into the model; "
                              "use unload() to remove it")
+        self._check_owner("merge_and_unload")
         model = self.base_model
         with torch.no_grad():
             for name, layer in lora_layers(model).items():
@@ -259,7 +321,15 @@ def _apply_modules_to_save(tuned: TunedModel, names: list[str]) -> None:
             p.requires_grad_(True)
         model.set_submodule(name, trained)
         tuned._saved_modules[name] = original
-        tuned._undo.append(_swap_step(lambda name=name, original=original: model.set_submodule(name, original)))
+
+        def restore(name=name, original=original):
+            # the original sits outside the module tree: follow the copy if it was moved
+            current = next(iter(model.get_submodule(name).parameters()), None)
+            if current is not None:
+                original.to(current.device)
+            model.set_submodule(name, original)
+
+        tuned._undo.append(_swap_step(restore))
 
 
 def _check_transformers_model(model) -> None:
@@ -330,16 +400,19 @@ def _tune_full(tuned: TunedModel, config: FullFineTuningConfig) -> None:
 
 
 def _enable_checkpointing(tuned: TunedModel) -> None:
+    """transformers' activation checkpointing (``activation_checkpointing_enable`` since 5.23,
+    ``gradient_checkpointing_enable`` before), non-reentrant."""
     model = tuned.base_model
-    was = bool(getattr(model, "is_gradient_checkpointing", False))
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(model, "activation_checkpointing_enable"):
+        was = bool(model.is_activation_checkpointing)
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        disable = model.activation_checkpointing_disable
+    else:
+        was = bool(getattr(model, "is_gradient_checkpointing", False))
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        disable = model.gradient_checkpointing_disable
     if not was:
-        tuned._undo.append(model.gradient_checkpointing_disable)
-
-
-def _prompt_geometry(model, config) -> tuple[int, int, int, int]:
-    layers, heads, kv_heads, head_dim = attention_geometry(model)
-    return layers, heads, kv_heads, head_dim
+        tuned._undo.append(disable)
 
 
 def _tune_prefix(tuned: TunedModel, config: PrefixTuningConfig) -> None:
@@ -352,7 +425,6 @@ def _tune_prefix(tuned: TunedModel, config: PrefixTuningConfig) -> None:
     if len(attn) != layers_n:
         raise ValueError(f"PrefixTuningConfig: found {len(attn)} self-attention modules calling the "
                          f"attention interface but the config says {layers_n} layers")
-    hidden = getattr(text_config(model), "hidden_size", kv_heads * head_dim)
     for field, expected in (("num_layers", layers_n), ("num_attention_heads", kv_heads),
                             ("token_dim", kv_heads * head_dim)):
         given = getattr(config, field)
@@ -372,7 +444,6 @@ def _tune_prefix(tuned: TunedModel, config: PrefixTuningConfig) -> None:
                             prefix_projection=config.prefix_projection, token_dim=config.token_dim,
                             encoder_hidden_size=config.encoder_hidden_size, device=param.device,
                             dtype=torch.float32 if param.dtype in (torch.float16, torch.bfloat16) else param.dtype)
-    del hidden
     _record_requires_grad(model, tuned._undo)
     model.requires_grad_(False)
     _enable_attention(tuned, required=True)
@@ -381,35 +452,44 @@ def _tune_prefix(tuned: TunedModel, config: PrefixTuningConfig) -> None:
     _apply_modules_to_save(tuned, keep)
 
 
+POSITION_ATTR = "lora_kernels_position_offset"
+
+
+def _shift_positions(module, args, kwargs):
+    """Forward pre-hook on the base model: the real tokens' position ids start at P (read from
+    the model's ``POSITION_ATTR``, so copies of the model carry their own)."""
+    P = module.__dict__.get(POSITION_ATTR)
+    if not P:
+        return None
+    ids = kwargs.get("input_ids", args[0] if args else None)
+    embeds = kwargs.get("inputs_embeds")
+    ref = ids if ids is not None else embeds
+    if ref is None:
+        return None
+    position_ids = kwargs.get("position_ids")
+    if position_ids is None:
+        cache = kwargs.get("past_key_values", kwargs.get("cache"))
+        past = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
+        position_ids = torch.arange(past, past + ref.shape[1], device=ref.device).unsqueeze(0)
+    kwargs["position_ids"] = position_ids + P
+    return args, kwargs
+
+
 def attach_prefix(tuned: TunedModel, encoder: PrefixEncoder, attn) -> None:
     """Give each self-attention module a callable yielding its layer's (k, v) and shift the
     real tokens' position ids by P (forward pre-hook on the base model)."""
     model = tuned.base_model
     for index, (_, module) in enumerate(attn):
         module.__dict__[hf_attention.PREFIX_ATTR] = functools.partial(encoder.layer_prefix, index)
+    model.__dict__[POSITION_ATTR] = encoder.num_virtual_tokens
 
     def detach():
         for _, module in attn:
             module.__dict__.pop(hf_attention.PREFIX_ATTR, None)
+        model.__dict__.pop(POSITION_ATTR, None)
 
     tuned._undo.append(detach)
-    P = encoder.num_virtual_tokens
-
-    def shift_positions(module, args, kwargs):
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        embeds = kwargs.get("inputs_embeds")
-        ref = ids if ids is not None else embeds
-        if ref is None:
-            return None
-        position_ids = kwargs.get("position_ids")
-        if position_ids is None:
-            cache = kwargs.get("past_key_values", kwargs.get("cache"))
-            past = cache.get_seq_length() if cache is not None and hasattr(cache, "get_seq_length") else 0
-            position_ids = torch.arange(past, past + ref.shape[1], device=ref.device).unsqueeze(0)
-        kwargs["position_ids"] = position_ids + P
-        return args, kwargs
-
-    handle = model.register_forward_pre_hook(shift_positions, with_kwargs=True)
+    handle = model.register_forward_pre_hook(_shift_positions, with_kwargs=True)
     tuned._undo.append(handle.remove)
 
 
