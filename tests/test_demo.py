@@ -58,3 +58,17 @@ def test_run_demo_tiny(tmp_path):
     assert table.count("\n") == 5 and "test F1" in table
     pytest.importorskip("matplotlib")
     assert plot(result, tmp_path / "demo.png").stat().st_size > 1000
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="Linux /proc only")
+def test_peak_memory_sees_a_temporary():
+    import torch
+
+    from lora_kernels.training.memory import PeakMemory
+
+    with PeakMemory("cpu") as small:
+        torch.ones(1024).sum()
+    with PeakMemory("cpu") as big:
+        torch.ones(16 * 2**20).sum()  # 64 MiB, freed before the block ends
+    assert big.peak_bytes >= 48 * 2**20
+    assert small.peak_bytes < big.peak_bytes
