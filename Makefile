@@ -9,6 +9,9 @@ PIP := $(PY) -m pip
 TORCH_SPEC ?= torch==2.14.1
 # Build the CUDA extension for these architectures when no GPU is visible.
 export TORCH_CUDA_ARCH_LIST ?= 8.0;9.0
+# Where nvcc is present the extension must build: a broken build fails `make test` instead of
+# being skipped quietly (setup.py skips it on machines without a toolkit).
+export LORA_KERNELS_FORCE_CUDA_BUILD ?= $(if $(shell command -v nvcc 2>/dev/null),1,0)
 PYTEST_ARGS ?=
 
 STAMP := $(VENV)/.lora_kernels_installed

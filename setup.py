@@ -35,8 +35,30 @@ def _log(message: str) -> None:
     print(f"lora_kernels setup: {message}", file=sys.stderr, flush=True)
 
 
+def locate_cuda_home(env: dict) -> str | None:
+    """Set ``CUDA_HOME`` to a toolkit folder that holds the CUDA headers, when neither
+    ``CUDA_HOME`` nor ``CUDA_PATH`` is set. torch derives the toolkit from ``nvcc`` on PATH,
+    which is wrong when that ``nvcc`` is a wrapper script outside the toolkit (seen here:
+    ``/usr/local/bin/nvcc`` exec'ing ``/usr/local/cuda-13.0/bin/nvcc``)."""
+    if env.get("CUDA_HOME") or env.get("CUDA_PATH"):
+        return env.get("CUDA_HOME") or env.get("CUDA_PATH")
+    candidates = []
+    nvcc = shutil.which("nvcc", path=env.get("PATH"))
+    if nvcc:
+        candidates.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+    candidates += ["/usr/local/cuda", *sorted(glob.glob("/usr/local/cuda-*"), reverse=True)]
+    for home in candidates:
+        if os.path.exists(os.path.join(home, "include", "cuda_runtime_api.h")) and os.path.exists(
+            os.path.join(home, "bin", "nvcc")
+        ):
+            env["CUDA_HOME"] = home
+            return home
+    return None
+
+
 def cuda_build_blocker() -> str | None:
     """Why the CUDA extension cannot be built here, or None when it can."""
+    locate_cuda_home(os.environ)  # before torch.utils.cpp_extension reads it at import
     try:
         import torch
         from torch.utils import cpp_extension
