@@ -20,10 +20,16 @@ _MEASURE_THRESHOLD = 1 << 16  # while measuring: freed tensors leave the residen
 _STEADY_THRESHOLD = 32 << 20  # afterwards: glibc's steady state in a training process
 
 
-def _set_mmap_threshold(nbytes: int) -> None:
+def _set_mmap_threshold(nbytes: int, trim: bool = False) -> None:
+    """glibc's mmap threshold; ``trim``: also hand the heap's free memory back to the system
+    (memory freed under a larger threshold would otherwise be reused without showing in the
+    resident set's high-water mark)."""
     try:
-        ctypes.CDLL("libc.so.6").mallopt(_M_MMAP_THRESHOLD, nbytes)
-    except OSError:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallopt(_M_MMAP_THRESHOLD, nbytes)
+        if trim:
+            libc.malloc_trim(0)
+    except (OSError, AttributeError):
         pass
 
 
@@ -54,7 +60,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats(self.device)
             self._before = torch.cuda.memory_allocated(self.device)
         else:
-            _set_mmap_threshold(_MEASURE_THRESHOLD)
+            _set_mmap_threshold(_MEASURE_THRESHOLD, trim=True)
             try:
                 with open("/proc/self/clear_refs", "w") as f:
                     f.write("5")
