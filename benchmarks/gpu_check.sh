@@ -3,7 +3,7 @@
 #
 #   OUT=/some/dir benchmarks/gpu_check.sh
 #
-# 1. builds the package and its CUDA extension with all cores (pip install --no-index
+# 1. builds the package and its CUDA extension with all cores (pip install -v --no-index
 #    --no-build-isolation --no-deps -e ., LORA_KERNELS_FORCE_CUDA_BUILD=1,
 #    TORCH_CUDA_ARCH_LIST=9.0 unless set),
 # 2. runs the GPU tests (pytest -m gpu: every backend against the float64 reference on CUDA
@@ -68,7 +68,8 @@ step() {  # step NAME TIMEOUT_S CMD...: run, log to $OUT/NAME.log, record status
 }
 
 # Offline: --no-index (nothing to fetch; the build uses the installed torch and setuptools).
-step install 240 "$PY" -m pip install --no-index --no-build-isolation --no-deps -e .
+# -v: pip hides the build's output otherwise, and the ptxas register/spill lines with it.
+step install 240 "$PY" -m pip install -v --no-index --no-build-isolation --no-deps -e .
 step info 60 "$PY" -m lora_kernels.cli info
 # The cuda tests skip when the extension does not load: make that a failure here.
 step extension 60 "$PY" -c "from lora_kernels import _cuda; r = _cuda.unavailable_reason(); print('CUDA extension:', r or 'ready'); raise SystemExit(r is not None)"
