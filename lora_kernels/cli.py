@@ -1,4 +1,5 @@
-"""The `lora-kernels` command: `info` (versions and backends); more subcommands register here."""
+"""The `lora-kernels` command: `info` (versions and backends), `finetune` (one tuning method on
+a local model folder and a .jsonl/.csv data file)."""
 
 from __future__ import annotations
 
@@ -34,11 +35,31 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
+    from .training.finetune import add_arguments
+
+    add_arguments(parser)
+
+
+def _finetune(args: argparse.Namespace) -> int:
+    from .training.finetune import run
+
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lora-kernels", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     p_info = sub.add_parser("info", help="versions, available backends and why not the others")
     p_info.set_defaults(func=_info)
+    p_ft = sub.add_parser(
+        "finetune",
+        help="fine-tune a local model folder on a .jsonl/.csv file with one method",
+        description="Fine-tune a local model folder on a .jsonl/.csv file with one method "
+        "(full, prompt, prefix, lora); saves the adapter in PEFT's format and metrics.json.",
+    )
+    _add_finetune_arguments(p_ft)
+    p_ft.set_defaults(func=_finetune)
     return parser
 
 

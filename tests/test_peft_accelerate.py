@@ -156,3 +156,65 @@ def test_two_active_adapters_stay_on_peft():
 def test_rejects_non_module():
     with pytest.raises(TypeError, match="expected a torch.nn.Module"):
         accelerate("not a model")
+
+
+def _peft_prefix_model(family, P=5):
+    base = _gpt2() if family == "gpt2" else _llama()
+    model = peft.get_peft_model(base, peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P))
+    with torch.no_grad():  # a non-trivial prefix
+        for p in model.prompt_encoder.parameters():
+            p.normal_(0, 0.5)
+    return model
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+@pytest.mark.parametrize("padded", [False, True])
+def test_prefix_tuning_equals_peft(family, padded):
+    model = _peft_prefix_model(family)
+    ids = torch.randint(0, 97, (2, 9))
+    mask = torch.ones_like(ids)
+    if padded:
+        mask[1, 6:] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+
+    def run():
+        model.zero_grad(set_to_none=True)
+        out = model(input_ids=ids, attention_mask=mask, labels=labels)
+        out.loss.backward()
+        grad = next(p for p in model.prompt_encoder.parameters() if p.requires_grad).grad.clone()
+        return out.logits.detach(), out.loss.detach(), grad
+
+    ref_logits, ref_loss, ref_grad = run()
+    keys = list(model.state_dict())
+    with accelerate(model) as handle:
+        assert handle.prefix and "<prefix tuning>" not in handle.skipped
+        logits, loss, grad = run()
+        assert list(model.state_dict()) == keys
+    keep = mask.bool()
+    torch.testing.assert_close(logits[keep], ref_logits[keep], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=1e-5)
+    assert "forward" not in model.__dict__  # restored
+    torch.testing.assert_close(run()[0], ref_logits)
+
+
+def test_prefix_with_gradient_checkpointing_runs():
+    model = _peft_prefix_model("llama")
+    model.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    ids = torch.randint(0, 97, (2, 7))
+    with accelerate(model):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+    grads = [p.grad for p in model.prompt_encoder.parameters() if p.requires_grad]
+    assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+def test_prefix_generate_stays_on_peft_path():
+    model = _peft_prefix_model("gpt2")
+    model.eval()
+    ids = torch.randint(0, 97, (1, 5))
+    ref = model.generate(input_ids=ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    with accelerate(model):
+        model(input_ids=ids)  # our path first, then PEFT's generate
+        out = model.generate(input_ids=ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert torch.equal(out, ref)

@@ -15,16 +15,17 @@ PEFT's path. Layers PEFT runs differently (DoRA and other LoRA variants, several
 ``lora_bias``, quantized or other base layers) stay on PEFT's path and are reported in one log
 warning.
 
-Prefix tuning: a PEFT prefix-tuning model (``PeftModel`` with a ``PREFIX_TUNING`` config) is
-served through the tuning layer's attention integration when it is available: the prefix goes to
-``prefix_attention`` through per-layer attributes instead of the KV cache (see
-:func:`accelerate`).
+Prefix tuning: a PEFT prefix-tuning model (decoder or encoder; GPT-2, LLaMA, BERT, ...) runs
+its forward on the tuning layer's attention integration: PEFT's prefix (same parameters) goes to
+``prefix_attention`` through per-layer attributes instead of the KV cache, which also makes it
+work under gradient checkpointing; ``generate`` and calls with a cache stay on PEFT's path.
 
 peft is imported only inside these functions, never when ``lora_kernels`` is imported.
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 import types
 from collections import defaultdict
@@ -186,9 +187,118 @@ def restore(peft_model: nn.Module) -> None:
         handle.restore()
 
 
+def _prefix_reason(peft_model: nn.Module, config) -> str | None:
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_PREFIX_TUNING_POSTPROCESS_MAPPING
+
+    from . import transformers as hf_attention
+    from .model_families import attention_geometry, self_attention_layers
+
+    base = peft_model.base_model
+    reason = hf_attention.unsupported_reason(base)
+    if reason is not None:
+        return reason
+    model_type = getattr(base.config, "model_type", "")
+    if model_type in TRANSFORMERS_MODELS_TO_PREFIX_TUNING_POSTPROCESS_MAPPING:
+        return f"PEFT post-processes {model_type}'s prefix"
+    if (config.num_transformer_submodules or 1) != 1:
+        return "encoder-decoder prefix (two transformer submodules)"
+    layers, _, kv_heads, head_dim = attention_geometry(base)
+    if (config.num_layers, config.num_attention_heads, config.token_dim) != (layers, kv_heads, kv_heads * head_dim):
+        return "the prefix shape does not match the model's attention geometry"
+    if len(self_attention_layers(base)) != layers:
+        return "not every layer's self-attention calls transformers' attention interface"
+    if "position_ids" not in inspect.signature(base.forward).parameters:
+        return f"{type(base).__name__}.forward takes no position_ids"
+    return None
+
+
+def _peft_prefix(peft_model: nn.Module, config) -> torch.Tensor:
+    """PEFT's prefix of the active adapter as (2 * layers, Hkv, P, D): layer i's keys at 2i, its
+    values at 2i + 1 (the layout of ``PeftModel.get_prompt`` for one batch row)."""
+    name = peft_model.active_adapter
+    encoder = peft_model.prompt_encoder[name]
+    P = config.num_virtual_tokens
+    if config.inference_mode:
+        flat = encoder.embedding.weight[None]
+    else:
+        tokens = peft_model.prompt_tokens[name][:P].unsqueeze(0).to(encoder.embedding.weight.device)
+        flat = encoder(tokens)
+    dtype = getattr(peft_model, "base_model_torch_dtype", None)
+    if dtype is not None:
+        flat = flat.to(dtype)
+    heads = config.num_attention_heads
+    kv = flat.view(P, config.num_layers * 2, heads, config.token_dim // heads)
+    return kv.permute(1, 2, 0, 3)
+
+
 def _accelerate_prefix(peft_model: nn.Module, handle: Acceleration, backend: str) -> None:
-    """Prefix tuning: placeholder until the tuning layer's attention integration is merged."""
+    """PEFT prefix tuning on ``prefix_attention``: an instance ``forward`` on the PeftModel
+    computes PEFT's prefix once per call, hands each attention layer its (k, v) through the
+    tuning layer's per-module attribute (not the KV cache), shifts the real tokens' positions by
+    P as PEFT's cache does, and runs the base model with the fused attention. Calls with a cache,
+    explicit positions or task ids, and ``generate``, take PEFT's path."""
     config = getattr(peft_model, "active_peft_config", None)
     if config is None or str(getattr(config, "peft_type", "")).split(".")[-1] != "PREFIX_TUNING":
         return
-    handle.skipped["<prefix tuning>"] = "prefix tuning needs lora_kernels' attention integration"
+    reason = _prefix_reason(peft_model, config)
+    if reason is not None:
+        handle.skipped["<prefix tuning>"] = reason
+        return
+    from . import transformers as hf_attention
+    from .model_families import self_attention_layers
+
+    base = peft_model.base_model
+    attn = [m for _, m in self_attention_layers(base)]
+    P = config.num_virtual_tokens
+    peft_forward = types.MethodType(type(peft_model).forward, peft_model)
+    peft_generate = types.MethodType(type(peft_model).generate, peft_model)
+    passthrough = {"past_key_values", "cache", "position_ids", "task_ids", "use_cache"}
+    state = {"kv": None, "installed": False, "was_enabled": False}
+
+    # The per-layer attributes and the fused attention stay installed after a forward on our
+    # path, so that gradient checkpointing recomputes with the same prefix during backward;
+    # PEFT's own path (generate, calls with a cache) runs with them removed.
+    def install():
+        if not state["installed"]:
+            for i, module in enumerate(attn):
+                module.__dict__[hf_attention.PREFIX_ATTR] = lambda i=i: (state["kv"][2 * i], state["kv"][2 * i + 1])
+            state["was_enabled"] = hf_attention.is_fused_attention_enabled(base)
+            hf_attention.enable_fused_attention(base)
+            state["installed"] = True
+
+    def uninstall():
+        if state["installed"]:
+            for module in attn:
+                module.__dict__.pop(hf_attention.PREFIX_ATTR, None)
+            if not state["was_enabled"]:
+                hf_attention.disable_fused_attention(base)
+            state["installed"] = False
+
+    def on_peft_path(fn, *args, **kwargs):
+        uninstall()
+        return fn(*args, **kwargs)
+
+    def forward(input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, **kwargs):
+        if passthrough & {k for k, v in kwargs.items() if v is not None and v is not False}:
+            return on_peft_path(peft_forward, input_ids=input_ids, attention_mask=attention_mask,
+                                inputs_embeds=inputs_embeds, labels=labels, **kwargs)
+        ref = input_ids if input_ids is not None else inputs_embeds
+        state["kv"] = _peft_prefix(peft_model, config)
+        install()
+        position_ids = torch.arange(P, P + ref.shape[1], device=ref.device).unsqueeze(0)
+        return base(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+                    labels=labels, position_ids=position_ids, use_cache=False, **kwargs)
+
+    def generate(*args, **kwargs):
+        return on_peft_path(peft_generate, *args, **kwargs)
+
+    def undo():
+        uninstall()
+        peft_model.__dict__.pop("forward", None)
+        peft_model.__dict__.pop("generate", None)
+        state["kv"] = None
+
+    peft_model.forward = forward
+    peft_model.generate = generate
+    handle.prefix = True
+    handle._undo.append(undo)

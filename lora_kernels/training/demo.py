@@ -166,12 +166,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", default=str(DEFAULT_DATA))
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "demo"))
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    ap.add_argument("--train-size", type=int, default=1200)
-    ap.add_argument("--val-size", type=int, default=400)
+    ap.add_argument("--train-size", type=int, default=800)
+    ap.add_argument("--val-size", type=int, default=300)
     ap.add_argument("--test-size", type=int, default=1000)
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--max-length", type=int, default=32)
+    ap.add_argument("--lr", nargs="+", default=[], metavar="METHOD=LR",
+                    help="learning rates to override, e.g. lora=3e-3 (defaults: "
+                    + ", ".join(f"{k}={v:g}" for k, v in LR.items()) + ")")
     ap.add_argument("--impl", default="lora_kernels", choices=["lora_kernels", "peft"])
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--seed", type=int, default=0)
@@ -183,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         model_dir, args.data, methods=args.methods, train_size=args.train_size,
         val_size=args.val_size, test_size=args.test_size, epochs=args.epochs,
         batch_size=args.batch_size, max_length=args.max_length, impl=args.impl,
+        lr={k: float(v) for k, v in (item.split("=", 1) for item in args.lr)},
         device=args.device, seed=args.seed,
     )
     result["settings"]["wall_seconds"] = time.perf_counter() - t0

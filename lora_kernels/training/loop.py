@@ -155,7 +155,7 @@ def fit(
             if cfg.device.startswith("cuda"):
                 torch.cuda.synchronize()
             step_times.append((time.perf_counter() - t0) * 1e3)
-            epoch_losses.append(float(loss))
+            epoch_losses.append(float(loss.detach()))
             bar.set_postfix(loss=f"{epoch_losses[-1]:.3f}")
         if meter:
             meter.__exit__(None, None, None)

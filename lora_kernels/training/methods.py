@@ -46,18 +46,21 @@ def apply_method(
         return _apply_peft(model, method, cfg, task, save)
     import lora_kernels as lk
 
+    task_type = "SEQ_CLS" if task == "classification" else "CAUSAL_LM"
+    save = save or None
     if method == "full":
-        config = lk.FullFineTuningConfig()
+        config = lk.FullFineTuningConfig(task_type=task_type)
     elif method == "prompt":
-        config = lk.PromptTuningConfig(num_virtual_tokens=cfg.num_virtual_tokens, modules_to_save=save)
+        config = lk.PromptTuningConfig(task_type=task_type, num_virtual_tokens=cfg.num_virtual_tokens,
+                                       modules_to_save=save)
     elif method == "prefix":
         config = lk.PrefixTuningConfig(
-            num_virtual_tokens=cfg.num_virtual_tokens, prefix_projection=cfg.prefix_projection,
-            modules_to_save=save,
+            task_type=task_type, num_virtual_tokens=cfg.num_virtual_tokens,
+            prefix_projection=cfg.prefix_projection, modules_to_save=save,
         )
     else:
         config = lk.LoraConfig(
-            r=cfg.r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+            task_type=task_type, r=cfg.r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
             target_modules=cfg.target_modules, modules_to_save=save,
         )
     return lk.tune(model, config)
