@@ -3,8 +3,9 @@
 #
 #   OUT=/some/dir benchmarks/gpu_check.sh
 #
-# 1. builds the package and its CUDA extension with all cores (pip install --no-build-isolation
-#    --no-deps -e ., LORA_KERNELS_FORCE_CUDA_BUILD=1, TORCH_CUDA_ARCH_LIST=9.0 unless set),
+# 1. builds the package and its CUDA extension with all cores (pip install -v --no-index
+#    --no-build-isolation --no-deps -e ., LORA_KERNELS_FORCE_CUDA_BUILD=1,
+#    TORCH_CUDA_ARCH_LIST=9.0 unless set),
 # 2. runs the GPU tests (pytest -m gpu: every backend against the float64 reference on CUDA
 #    tensors),
 # 3. runs both microbenchmarks at their GPU shapes (JSON under $OUT),
@@ -18,7 +19,13 @@ cd "$(dirname "$0")/.."
 ROOT=$PWD
 OUT="${OUT:-$ROOT/out/gpu_check}"
 mkdir -p "$OUT"
-PY="${PYTHON:-python}"
+# The GPU machine's image: a plain `python3` is the interpreter that holds torch (there may be
+# no `python`). PYTHON overrides.
+PY="${PYTHON:-$(command -v python3 || command -v python)}"
+if ! "$PY" -c "import torch, triton" >/dev/null 2>&1; then
+  echo "gpu_check: $PY cannot import torch and triton; set PYTHON to the interpreter that can" >&2
+  exit 2
+fi
 
 export TRITON_INTERPRET=0                 # real Triton on the GPU (conftest agrees via /dev/nvidia0)
 export TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST:-9.0}"
@@ -60,7 +67,9 @@ step() {  # step NAME TIMEOUT_S CMD...: run, log to $OUT/NAME.log, record status
   STEPS+=("$name|$status|$secs")
 }
 
-step install 240 "$PY" -m pip install --no-build-isolation --no-deps -e .
+# Offline: --no-index (nothing to fetch; the build uses the installed torch and setuptools).
+# -v: pip hides the build's output otherwise, and the ptxas register/spill lines with it.
+step install 240 "$PY" -m pip install -v --no-index --no-build-isolation --no-deps -e .
 step info 60 "$PY" -m lora_kernels.cli info
 # The cuda tests skip when the extension does not load: make that a failure here.
 step extension 60 "$PY" -c "from lora_kernels import _cuda; r = _cuda.unavailable_reason(); print('CUDA extension:', r or 'ready'); raise SystemExit(r is not None)"

@@ -129,6 +129,18 @@ def test_greedy_generate_equals_manual_greedy_loop(kind, method):
     assert torch.equal(got, expected)
 
 
+def _enable_checkpointing(tuned, reentrant):
+    """transformers' checkpointing switch: ``activation_checkpointing_enable`` since 5.23,
+    ``gradient_checkpointing_enable`` before (the GPU machine has 5.17)."""
+    kwargs = {"use_reentrant": reentrant}
+    if hasattr(tuned.base_model, "activation_checkpointing_enable"):
+        tuned.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        assert tuned.base_model.is_activation_checkpointing
+    else:
+        tuned.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        assert tuned.base_model.is_gradient_checkpointing
+
+
 @pytest.mark.parametrize("reentrant", [True, False])
 @pytest.mark.parametrize("kind", KINDS)
 def test_prefix_tuning_with_gradient_checkpointing(kind, reentrant):
@@ -139,8 +151,7 @@ def test_prefix_tuning_with_gradient_checkpointing(kind, reentrant):
                                                     encoder_hidden_size=16))
         tuned.train()
         if checkpointing:
-            tuned.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": reentrant})
-            assert tuned.base_model.is_activation_checkpointing
+            _enable_checkpointing(tuned, reentrant)
         loss = tuned(**batch(kind)).loss
         loss.backward()
         grads.append((loss.detach(), [p.grad.clone() for p in tuned.prefix_encoder.parameters()]))
