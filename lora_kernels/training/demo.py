@@ -166,10 +166,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", default=str(DEFAULT_DATA))
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "demo"))
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    ap.add_argument("--train-size", type=int, default=800)
+    ap.add_argument("--train-size", type=int, default=1600)
     ap.add_argument("--val-size", type=int, default=300)
     ap.add_argument("--test-size", type=int, default=1000)
-    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--max-length", type=int, default=32)
     ap.add_argument("--lr", nargs="+", default=[], metavar="METHOD=LR",
