@@ -4,19 +4,16 @@ peak memory above what was live before the call, and table/JSON output.
 Peak memory on the CPU: PyTorch has no CPU allocator statistics, so we read the process's
 resident-set high-water mark (Linux ``VmHWM``), reset before each measured call through
 ``/proc/self/clear_refs``, with glibc's free heap trimmed first and every allocation over 64 KiB
-served by ``mmap`` during the call, so that freed tensors leave the resident set at once (timing
-runs with a 32 MiB threshold, the steady state of a training process). The figure is the peak resident memory the
-call added on top of what was resident before it: inputs and weights excluded, saved
-activations, gradients and temporaries included. Run the function once before measuring.
+served by ``mmap`` during the call, so that freed tensors leave the resident set at once; timing
+runs with a 32 MiB threshold, the steady state of a training process. The figure is the peak
+resident memory the call added on top of what was resident before it: inputs and weights
+excluded, saved activations, gradients and temporaries included. Run the function once before
+measuring. The method lives in ``lora_kernels.training.memory``, shared with the demo.
 """
 
 from __future__ import annotations
 
-import ctypes
-import gc
 import json
-import os
-import platform
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -24,66 +21,11 @@ from pathlib import Path
 
 import torch
 
-_M_MMAP_THRESHOLD = -3
-# glibc serves allocations above its mmap threshold with fresh pages that leave the resident set
-# when freed. Memory is measured at 64 KiB (freed tensors leave at once, so the high-water mark
-# is the peak of live memory); time at 32 MiB, the threshold a long training process converges
-# to (glibc raises it to the sizes it frees), so temporaries reuse heap pages as they would there.
-_MEASURE_THRESHOLD = 64 << 10
-_TIMING_THRESHOLD = 32 << 20
+from lora_kernels.training import memory as _memory
+from lora_kernels.training.env import machine_info  # noqa: F401 - re-exported for the scripts
 
-
-def _libc() -> ctypes.CDLL | None:
-    try:
-        return ctypes.CDLL("libc.so.6")
-    except OSError:
-        return None
-
-
-def _set_mmap_threshold(nbytes: int) -> None:
-    libc = _libc()
-    if libc is not None:
-        libc.mallopt(_M_MMAP_THRESHOLD, nbytes)
-
-
-def _release_free_heap() -> None:
-    """Hand glibc's free heap pages back to the OS, so reusing them shows in the resident set."""
-    libc = _libc()
-    if libc is not None:
-        libc.malloc_trim(0)
-
-
-def _proc_status_bytes(key: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(key):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{key} not in /proc/self/status")
-
-
-def peak_memory_bytes(fn: Callable[[], object], device: torch.device | str) -> int:
-    """Peak memory ``fn()`` adds over what was allocated before it (bytes)."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-        gc.collect()
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats()
-        before = torch.cuda.memory_allocated()
-        fn()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - before
-    _set_mmap_threshold(_MEASURE_THRESHOLD)
-    try:
-        gc.collect()
-        _release_free_heap()
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        before = _proc_status_bytes("VmRSS:")
-        fn()
-        return max(0, _proc_status_bytes("VmHWM:") - before)
-    finally:
-        _set_mmap_threshold(_TIMING_THRESHOLD)
+# One method for the package (demo, CLI) and the benchmarks: see lora_kernels.training.memory.
+peak_memory_bytes = _memory.peak_memory_bytes
 
 
 def time_ms(
@@ -104,7 +46,7 @@ def time_ms(
 
         q20, med, q80 = triton.testing.do_bench(fn, quantiles=[0.2, 0.5, 0.8], warmup=25, rep=100)
         return {"median_ms": med, "q20_ms": q20, "q80_ms": q80}
-    _set_mmap_threshold(_TIMING_THRESHOLD)
+    _memory.use_steady_state_malloc()
     for _ in range(warmup):
         fn()
     samples = []
@@ -120,29 +62,6 @@ def summarize(samples_ms: Sequence[float]) -> dict[str, float]:
     s = sorted(samples_ms)
     q = statistics.quantiles(s, n=10, method="inclusive") if len(s) > 1 else [s[0]] * 9
     return {"median_ms": statistics.median(s), "q20_ms": q[1], "q80_ms": q[7]}
-
-
-def machine_info(device: torch.device | str) -> dict[str, str]:
-    """What ran the benchmark: CPU model or GPU name, versions."""
-    device = torch.device(device)
-    if device.type == "cuda":
-        hw = torch.cuda.get_device_name(device)
-    else:
-        hw = platform.processor() or platform.machine()
-        try:
-            with open("/proc/cpuinfo") as f:
-                hw = next(line.split(":", 1)[1].strip() for line in f if "model name" in line)
-        except (OSError, StopIteration):
-            pass
-        hw = f"{hw}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
-    info = {"device": hw, "torch": torch.__version__, "python": platform.python_version()}
-    try:
-        import triton
-
-        info["triton"] = triton.__version__
-    except ImportError:
-        pass
-    return info
 
 
 def format_table(rows: Sequence[dict], columns: Sequence[str]) -> str:

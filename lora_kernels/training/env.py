@@ -9,6 +9,7 @@ import torch
 
 
 def machine_info(device: str | torch.device = "cpu") -> dict[str, str]:
+    """CPU model, cores and torch threads (or the GPU's name), and the versions that matter."""
     device = torch.device(device)
     if device.type == "cuda":
         hw = torch.cuda.get_device_name(device)
@@ -21,10 +22,9 @@ def machine_info(device: str | torch.device = "cpu") -> dict[str, str]:
             pass
         hw = f"{hw}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
     info = {"device": hw, "torch": torch.__version__, "python": platform.python_version()}
-    try:
-        import transformers
-
-        info["transformers"] = transformers.__version__
-    except ImportError:
-        pass
+    for name in ("triton", "transformers"):
+        try:
+            info[name] = __import__(name).__version__
+        except ImportError:
+            pass
     return info

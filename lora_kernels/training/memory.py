@@ -33,6 +33,20 @@ def _set_mmap_threshold(nbytes: int, trim: bool = False) -> None:
         pass
 
 
+def use_steady_state_malloc() -> None:
+    """Set glibc's mmap threshold to the 32 MiB a long training process converges to, so that
+    timed code reuses heap pages as it would there (call before timing on the CPU)."""
+    _set_mmap_threshold(_STEADY_THRESHOLD)
+
+
+def peak_memory_bytes(fn, device: torch.device | str) -> int | None:
+    """Peak memory ``fn()`` adds over what was live before it (bytes; None where the platform
+    gives no figure)."""
+    with PeakMemory(device) as pm:
+        fn()
+    return pm.peak_bytes
+
+
 def _status_bytes(key: str) -> int | None:
     try:
         with open("/proc/self/status") as f:
