@@ -382,18 +382,16 @@ def test_setup_extension_description(setup_module, monkeypatch):
 
 
 def test_backend_reasons_name_old_gpus(monkeypatch):
-    from lora_kernels.cuda import lora_linear as cl
-    from lora_kernels.cuda import prefix_attention as ca
+    from lora_kernels.cuda import capability_reasons
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 5))
-    for module in (cl, ca):
-        assert module._capability_reasons(torch.device("cuda", 0)) == [
-            "the CUDA kernels need compute capability 8.0 or newer, got 7.5"
-        ]
-        assert module._capability_reasons(torch.device("cpu")) == []
+    assert capability_reasons(torch.device("cuda", 0)) == [
+        "the CUDA kernels need compute capability 8.0 or newer, got 7.5"
+    ]
+    assert capability_reasons(torch.device("cpu")) == []
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
-    assert cl._capability_reasons(torch.device("cuda", 0)) == []
+    assert capability_reasons(torch.device("cuda", 0)) == []
 
 
 def test_setup_finds_ninja_off_path(setup_module, tmp_path):

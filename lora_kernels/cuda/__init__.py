@@ -16,6 +16,21 @@ from .. import _cuda
 _fakes_registered = False
 
 
+def capability_reasons(device: torch.device) -> list[str]:
+    """The kernels use bf16 tensor cores (WMMA): compute capability 8.0 or newer."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return []
+    major, minor = torch.cuda.get_device_capability(device)
+    if major < 8:
+        return [f"the CUDA kernels need compute capability 8.0 or newer, got {major}.{minor}"]
+    return []
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` -> ``"bfloat16"`` (for reasons and messages)."""
+    return str(dtype).replace("torch.", "")
+
+
 def ops():
     """``torch.ops.lora_kernels_cuda``, after loading the extension and registering the fake
     implementations. Raises ``RuntimeError`` naming the reason when the extension is missing."""

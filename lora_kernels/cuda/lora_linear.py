@@ -20,21 +20,10 @@ from __future__ import annotations
 
 import torch
 
+from . import capability_reasons, dtype_name
+
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
-
-def _capability_reasons(device: torch.device) -> list[str]:
-    """The kernels use bf16 tensor cores (WMMA): compute capability 8.0 or newer."""
-    if device.type != "cuda" or not torch.cuda.is_available():
-        return []
-    major, minor = torch.cuda.get_device_capability(device)
-    if major < 8:
-        return [f"the CUDA kernels need compute capability 8.0 or newer, got {major}.{minor}"]
-    return []
-
-
-def _name(dtype: torch.dtype) -> str:
-    return str(dtype).replace("torch.", "")
 
 
 def not_supported_reasons(x, weight, bias, lora_A, lora_B, dropout_p, training) -> list[str]:
@@ -53,19 +42,19 @@ def not_supported_reasons(x, weight, bias, lora_A, lora_B, dropout_p, training) 
     for name, t in tensors.items():
         if t.device.type != "cuda":
             reasons.append(f"{name} is on {t.device.type}; the CUDA kernels need CUDA tensors")
-    reasons += _capability_reasons(next(iter(tensors.values())).device)
+    reasons += capability_reasons(next(iter(tensors.values())).device)
     if len({t.device for t in tensors.values()}) > 1:
         reasons.append("the tensors are on different devices")
     if x.dtype not in SUPPORTED_DTYPES:
-        reasons.append(f"x dtype {_name(x.dtype)} is not supported (float32, float16, bfloat16)")
+        reasons.append(f"x dtype {dtype_name(x.dtype)} is not supported (float32, float16, bfloat16)")
     if weight.dtype != x.dtype:
-        reasons.append(f"weight dtype {_name(weight.dtype)} differs from x dtype {_name(x.dtype)}")
+        reasons.append(f"weight dtype {dtype_name(weight.dtype)} differs from x dtype {dtype_name(x.dtype)}")
     if bias is not None and bias.dtype != x.dtype:
-        reasons.append(f"bias dtype {_name(bias.dtype)} differs from x dtype {_name(x.dtype)}")
+        reasons.append(f"bias dtype {dtype_name(bias.dtype)} differs from x dtype {dtype_name(x.dtype)}")
     for name in ("lora_A", "lora_B"):
         if tensors[name].dtype not in SUPPORTED_DTYPES:
             reasons.append(
-                f"{name} dtype {_name(tensors[name].dtype)} is not supported (float32, float16, "
+                f"{name} dtype {dtype_name(tensors[name].dtype)} is not supported (float32, float16, "
                 "bfloat16)"
             )
     if x.dim() != 2:

@@ -16,23 +16,12 @@ from __future__ import annotations
 
 import torch
 
+from . import capability_reasons, dtype_name
+
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
 SUPPORTED_HEAD_DIMS = (64, 128)
 MAX_GRID_YZ = 65535
 
-
-def _capability_reasons(device: torch.device) -> list[str]:
-    """The kernels use bf16 tensor cores (WMMA): compute capability 8.0 or newer."""
-    if device.type != "cuda" or not torch.cuda.is_available():
-        return []
-    major, minor = torch.cuda.get_device_capability(device)
-    if major < 8:
-        return [f"the CUDA kernels need compute capability 8.0 or newer, got {major}.{minor}"]
-    return []
-
-
-def _name(dtype: torch.dtype) -> str:
-    return str(dtype).replace("torch.", "")
 
 
 def not_supported_reasons(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, dropout_p,
@@ -50,12 +39,12 @@ def not_supported_reasons(q, k, v, prefix_k, prefix_v, key_padding_mask, causal,
     for name, t in tensors.items():
         if t.device.type != "cuda":
             reasons.append(f"{name} is on {t.device.type}; the CUDA kernels need CUDA tensors")
-    reasons += _capability_reasons(next(iter(tensors.values())).device)
+    reasons += capability_reasons(next(iter(tensors.values())).device)
     if q.dtype not in SUPPORTED_DTYPES:
-        reasons.append(f"dtype {_name(q.dtype)} is not supported (float16, bfloat16)")
+        reasons.append(f"dtype {dtype_name(q.dtype)} is not supported (float16, bfloat16)")
     for name, t in tensors.items():
         if t.dtype != q.dtype:
-            reasons.append(f"{name} dtype {_name(t.dtype)} differs from q dtype {_name(q.dtype)}")
+            reasons.append(f"{name} dtype {dtype_name(t.dtype)} differs from q dtype {dtype_name(q.dtype)}")
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         reasons.append("q, k and v must be 4-D (B, H, L, D)")
         return reasons
@@ -64,7 +53,7 @@ def not_supported_reasons(q, k, v, prefix_k, prefix_v, key_padding_mask, causal,
     if q.shape[0] > MAX_GRID_YZ or q.shape[1] > MAX_GRID_YZ:
         reasons.append(f"batch {q.shape[0]} or heads {q.shape[1]} above {MAX_GRID_YZ}")
     if key_padding_mask is not None and key_padding_mask.dtype != torch.bool:
-        reasons.append(f"key_padding_mask dtype {_name(key_padding_mask.dtype)} is not bool")
+        reasons.append(f"key_padding_mask dtype {dtype_name(key_padding_mask.dtype)} is not bool")
     if float(dropout_p) > 0.0 and training:
         reasons.append("attention dropout in training is not implemented by the CUDA kernels")
     return reasons

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..tuning.model import count_parameters
 from .data import TokenizedSplit
 from .memory import PeakMemory
 from .metrics import accuracy, macro_f1
@@ -36,18 +37,6 @@ class TrainConfig:
     seed: int = 0
     device: str = "cpu"
     progress: bool = True
-
-
-def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts, each shared Parameter counted once."""
-    seen, trainable, total = set(), 0, 0
-    for p in model.parameters():
-        if id(p) in seen:
-            continue
-        seen.add(id(p))
-        total += p.numel()
-        trainable += p.numel() if p.requires_grad else 0
-    return trainable, total
 
 
 def _loss_and_logits(model, batch, task):

@@ -49,6 +49,18 @@ class _ForwardWithBaseSignature:
         return bound
 
 
+
+def count_parameters(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter counts of ``model``, each shared Parameter counted once."""
+    seen, trainable, total = set(), 0, 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+        trainable += p.numel() if p.requires_grad else 0
+    return trainable, total
+
 class TunedModel(nn.Module):
     """A transformers model under one tuning method. ``forward`` and ``generate`` take what
     the wrapped model takes; ``base_model`` is the wrapped model (LoRA layers in place);
@@ -194,14 +206,8 @@ class TunedModel(nn.Module):
 
     # -- reporting --------------------------------------------------------------------------
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
-        seen, trainable, total = set(), 0, 0
-        for p in self.parameters():
-            if id(p) in seen:
-                continue
-            seen.add(id(p))
-            total += p.numel()
-            trainable += p.numel() if p.requires_grad else 0
-        return trainable, total
+        """(trainable, total) parameter counts, as PEFT's method of the same name."""
+        return count_parameters(self)
 
     def print_trainable_parameters(self) -> None:
         trainable, total = self.get_nb_trainable_parameters()
