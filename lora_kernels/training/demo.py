@@ -65,6 +65,8 @@ def run_demo(
     method; return ``{"rows": [...], "runs": {method: fit(...) result}, "settings": {...}}``."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+    from .env import portable_path
+
     data_dir = Path(data_dir)
     splits = {
         name: load_records(data_dir / f"{name}.jsonl", "text", "label")[:size]
@@ -91,7 +93,7 @@ def run_demo(
         print(f"{METHOD_NAMES[method]:<17} done in {res['train_seconds']:.0f} s: "
               f"test accuracy {res['test']['accuracy']:.3f}", file=sys.stderr, flush=True)
     settings = {
-        "model": str(model_dir), "data": str(data_dir), "impl": impl, "epochs": epochs,
+        "model": portable_path(model_dir), "data": portable_path(data_dir), "impl": impl, "epochs": epochs,
         "batch_size": batch_size, "max_length": max_length, "seed": seed, "device": device,
         "sizes": {k: len(v) for k, v in splits.items()}, "torch_threads": torch.get_num_threads(),
     }
