@@ -89,6 +89,9 @@ def plot_runs(runs: dict[str, dict], path: str | Path, *, title: str,
         ax2.set(xlabel="trainable parameters (log)", ylabel="test accuracy",
                 title="Test accuracy vs trainable parameters")
     else:
+        from matplotlib.ticker import MaxNLocator
+
+        ax2.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax2.set(xlabel="epoch", ylabel=metric, title=f"{metric.capitalize()} per epoch")
         ax2.legend(fontsize=7)
     ax2.grid(alpha=0.3)
