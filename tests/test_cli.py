@@ -436,3 +436,10 @@ def test_result_files_hold_no_absolute_paths(tmp_path, monkeypatch):
     assert portable_path(tmp_path / "a" / "b") == "a/b"  # the working folder
     assert portable_path("/elsewhere/x/model") == "x/model"
     assert portable_path("rel/model") == "rel/model"
+
+
+def test_target_modules_the_model_lacks(tmp_path, bert_dir, data, capsys):
+    """Known only once the model is loaded: still one line, status 2, nothing written."""
+    err = _refused(capsys, tmp_path, "finetune", bert_dir, data, *FIELDS, "--out", tmp_path / "out",
+                   "--target-modules", "q_proj,v_proj", "--no-progress")
+    assert "--method lora:" in err and "q_proj" in err

@@ -213,6 +213,10 @@ def _train(args, device, splits, labels, model_dir) -> int:
     from .loop import TrainConfig, fit
     from .methods import apply_method
 
+    if args.no_progress:  # transformers' own bars too (loading weights)
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     tokenizer = load_tokenizer(model_dir)
     label_ids = {name: i for i, name in enumerate(labels)} if labels else None
     tok = {k: tokenize(tokenizer, v, args.max_length, label_ids, where=f"{k} split")
