@@ -33,7 +33,8 @@ def config_for(method, kind, **kw):
 
 def expected_trainable(method, kind, name):
     """Is parameter ``name`` (of the TunedModel) meant to train under ``method``?"""
-    head = kind == "bert" and ".classifier." in name  # SEQ_CLS: the task head trains too
+    # SEQ_CLS: the task head trains too (the classifier and BERT's pooler)
+    head = kind == "bert" and (".classifier." in name or ".bert.pooler." in name)
     if method == "full":
         return True
     if method == "lora":

@@ -27,6 +27,28 @@ DEFAULT_LORA_TARGETS: dict[str, list[str]] = {
     "falcon": ["query_key_value"],
 }
 
+# task_type -> the task head's module names that PEFT trains and saves (``modules_to_save``).
+TASK_HEADS: dict[str, tuple[str, ...]] = {
+    "SEQ_CLS": ("classifier", "score"),
+    "TOKEN_CLS": ("classifier", "score"),
+    "QUESTION_ANS": ("qa_outputs",),
+}
+
+# model_type -> the module between the encoder and a sequence classifier's ``classifier`` (BERT's
+# ``pooler``: dense + tanh over the first token), looked up at the model's root and then under
+# its base model. Checked against transformers 5.x: in each family's ...ForSequenceClassification
+# the logits depend on this module (BigBird builds a pooler it does not use: not listed; RoBERTa,
+# XLM-R, ELECTRA and others build no pooler, their head lives inside ``classifier``).
+CLASSIFIER_POOLERS: dict[str, str] = {
+    **dict.fromkeys(
+        ["albert", "bert", "canine", "deberta", "deberta-v2", "ernie", "fnet", "gte", "layoutlm", "luke",
+         "markuplm", "megatron-bert", "mobilebert", "nomic_bert", "rembert", "roc_bert", "squeezebert", "tapas"],
+        "pooler"),
+    "distilbert": "pre_classifier",
+    "modernbert": "head",
+    "eurobert": "dense",
+}
+
 # Module names holding per-layer blocks: "<...>.h.3.<...>", "<...>.layers.3.<...>", ...
 LAYER_PATTERN = re.compile(r"(?:^|\.)(?:h|layers|layer|blocks|block|decoder_layers)\.(\d+)(?:\.|$)")
 
@@ -75,6 +97,23 @@ def layer_index(module_name: str, layers_pattern: str | list[str] | None = None)
         pattern = LAYER_PATTERN
     match = pattern.search(module_name)
     return int(match.group(1)) if match else None
+
+
+def classifier_pooler(model: nn.Module) -> str | None:
+    """The module path of the pooler feeding a sequence classifier's head (``bert.pooler`` for
+    ``BertForSequenceClassification``), or None. Only a path that no other module name ends
+    with is returned, since PEFT matches ``modules_to_save`` by name suffix."""
+    name = CLASSIFIER_POOLERS.get(getattr(getattr(model, "config", None), "model_type", None))
+    if name is None:
+        return None
+    modules = dict(model.named_modules())
+    prefix = getattr(model, "base_model_prefix", "")
+    for path in (name, f"{prefix}.{name}" if prefix else name):
+        module = modules.get(path)
+        if isinstance(module, nn.Module) and any(True for _ in module.parameters()):
+            if sum(n.endswith(path) for n in modules) == 1:
+                return path
+    return None
 
 
 def text_config(model: nn.Module):

@@ -111,7 +111,9 @@ def save_adapter(tuned, save_directory, *, safe_serialization: bool = True) -> N
         data["fan_in_fan_out"] = any(m.fan_in_fan_out for m in layers.values())
         if data["target_modules"] is None:
             data["target_modules"] = sorted({n.split(".")[-1] for n in layers})
-        saved = set(data["modules_to_save"] or []) | {n.split(".")[-1] for n in tuned._saved_modules}
+    if "modules_to_save" in data:
+        # every module saved, by its full path (PEFT matches these as name suffixes)
+        saved = set(data["modules_to_save"] or []) | set(tuned._saved_modules)
         data["modules_to_save"] = sorted(saved) or None
     if data.get("base_model_name_or_path") is None:
         data["base_model_name_or_path"] = getattr(getattr(model, "config", None), "_name_or_path", None) or None
@@ -205,6 +207,10 @@ def load_adapter(model: nn.Module, directory, *, is_trainable: bool = False, all
     if isinstance(config, PromptTuningConfig):
         # the weights come from the file: no tokenizer needed to initialise them
         config = dataclasses.replace(config, prompt_tuning_init="RANDOM")
+    train_pooler = getattr(config, "train_pooler", None)
+    if train_pooler is not None:
+        # the file's modules_to_save names every module it holds (a PEFT adapter: no pooler)
+        config.train_pooler = False
     if isinstance(config, LoraConfig):
         _precheck_lora(model, config, tensors)
     try:
@@ -219,6 +225,8 @@ def load_adapter(model: nn.Module, directory, *, is_trainable: bool = False, all
         raise
     if init is not None:
         tuned.config_tuning.prompt_tuning_init = init
+    if train_pooler is not None:
+        tuned.config_tuning.train_pooler = train_pooler
     if not is_trainable:
         for p in tuned.parameters():
             p.requires_grad_(False)

@@ -7,7 +7,13 @@ import re
 
 from torch import nn
 
-from ..integrations.model_families import DEFAULT_LORA_TARGETS, layer_index, text_config
+from ..integrations.model_families import (
+    DEFAULT_LORA_TARGETS,
+    TASK_HEADS,
+    classifier_pooler,
+    layer_index,
+    text_config,
+)
 from ..nn.lora_linear import LoRALinear, _is_conv1d
 from .config import LoraConfig
 
@@ -22,16 +28,19 @@ def _matches(name: str, patterns: list[str] | str) -> bool:
     return any(name == t or name.endswith("." + t) for t in patterns)
 
 
-def output_head_names(model: nn.Module) -> set[str]:
-    """Names of the output head (``get_output_embeddings()``) and task heads, which
-    "all-linear" never targets (as PEFT)."""
-    heads = set()
+def output_head_names(model: nn.Module, task_type: str | None = None) -> set[str]:
+    """Names of the modules "all-linear" never targets: the output head
+    (``get_output_embeddings()``, ``lm_head``), every task head, and for SEQ_CLS the pooler
+    feeding the classifier (with everything inside them)."""
     get_out = getattr(model, "get_output_embeddings", None)
     out = get_out() if callable(get_out) else None
+    tops = {"lm_head", *(h for heads in TASK_HEADS.values() for h in heads)}
+    pooler = classifier_pooler(model) if task_type == "SEQ_CLS" else None
+    excluded = set()
     for name, module in model.named_modules():
-        if module is out or name.split(".")[-1] in ("lm_head", "classifier", "score", "qa_outputs"):
-            heads.add(name)
-    return heads
+        if module is out or name.split(".")[-1] in tops or name == pooler:
+            excluded.add(name)
+    return {n for n, _ in model.named_modules() if n in excluded or any(n.startswith(e + ".") for e in excluded)}
 
 
 def resolve_target_names(model: nn.Module, config: LoraConfig) -> list[str]:
@@ -51,7 +60,7 @@ def resolve_target_names(model: nn.Module, config: LoraConfig) -> list[str]:
                              f"pass target_modules (candidates: {candidates})")
         targets = DEFAULT_LORA_TARGETS[model_type]
     if targets == "all-linear" or targets == ["all-linear"]:
-        heads = output_head_names(model)
+        heads = output_head_names(model, config.task_type)
         chosen = [n for n in linear_names if n not in heads]
     elif isinstance(targets, str):
         chosen = [n for n in modules if n and _matches(n, targets)]

@@ -15,7 +15,12 @@ import torch
 from torch import nn
 
 from ..integrations import transformers as hf_attention
-from ..integrations.model_families import attention_geometry, self_attention_layers
+from ..integrations.model_families import (
+    TASK_HEADS,
+    attention_geometry,
+    classifier_pooler,
+    self_attention_layers,
+)
 from ..nn.lora_linear import LoRALinear
 from ..nn.prefix_encoder import PrefixEncoder
 from ..nn.prompt_encoder import PromptEncoder
@@ -27,8 +32,6 @@ from .config import (
     TuningConfig,
 )
 from .lora import _matches, lora_layers, resolve_target_names, wrap_targets
-
-_CLASSIFIER_HEADS = ("classifier", "score")
 
 
 class _ForwardWithBaseSignature:
@@ -303,10 +306,15 @@ def _swap_step(fn):
 
 
 def _modules_to_save(model: nn.Module, config) -> list[str]:
+    """The modules trained in full: ``config.modules_to_save`` plus the task head (PEFT's names
+    for the task type, and for SEQ_CLS the pooler feeding the classifier unless
+    ``train_pooler=False``)."""
     names = list(getattr(config, "modules_to_save", None) or [])
-    if config.task_type == "SEQ_CLS":
-        names += [h for h in _CLASSIFIER_HEADS if h not in names and any(
-            _matches(n, [h]) for n, _ in model.named_modules())]
+    heads = list(TASK_HEADS.get(config.task_type, ()))
+    pooler = classifier_pooler(model) if config.task_type == "SEQ_CLS" else None
+    if pooler is not None and getattr(config, "train_pooler", False):
+        heads.append(pooler)
+    names += [h for h in heads if h not in names and any(_matches(n, [h]) for n, _ in model.named_modules())]
     found = []
     for target in names:
         matched = [n for n, _ in model.named_modules() if n and _matches(n, [target])]
