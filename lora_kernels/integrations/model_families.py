@@ -99,6 +99,42 @@ def layer_index(module_name: str, layers_pattern: str | list[str] | None = None)
     return int(match.group(1)) if match else None
 
 
+# PEFT task type -> the name of transformers' auto mapping listing that task's model classes, in
+# the order they are tried; then class-name suffixes for models outside the mappings.
+_TASK_MAPPINGS = (
+    ("SEQ_CLS", "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES"),
+    ("TOKEN_CLS", "MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES"),
+    ("QUESTION_ANS", "MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES"),
+    ("SEQ_2_SEQ_LM", "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES"),
+    ("CAUSAL_LM", "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES"),
+    ("FEATURE_EXTRACTION", "MODEL_MAPPING_NAMES"),
+)
+_TASK_SUFFIXES = (
+    ("SEQ_CLS", ("ForSequenceClassification",)),
+    ("TOKEN_CLS", ("ForTokenClassification",)),
+    ("QUESTION_ANS", ("ForQuestionAnswering",)),
+    ("CAUSAL_LM", ("ForCausalLM", "LMHeadModel")),
+)
+
+
+def infer_task_type(model: nn.Module) -> str | None:
+    """PEFT's task type for the model's class (``GPT2LMHeadModel`` -> "CAUSAL_LM",
+    ``BertForSequenceClassification`` -> "SEQ_CLS", ``BertModel`` -> "FEATURE_EXTRACTION",
+    ...), from transformers' auto mappings, else from the class name; None when neither says
+    (e.g. a masked language model, which PEFT has no task type for)."""
+    from transformers.models.auto import modeling_auto
+
+    name = type(model).__name__
+    for task, mapping_name in _TASK_MAPPINGS:
+        for value in getattr(modeling_auto, mapping_name, {}).values():
+            if name == value or (isinstance(value, (tuple, list)) and name in value):
+                return task
+    for task, suffixes in _TASK_SUFFIXES:
+        if name.endswith(suffixes):
+            return task
+    return None
+
+
 def classifier_pooler(model: nn.Module) -> str | None:
     """The module path of the pooler feeding a sequence classifier's head (``bert.pooler`` for
     ``BertForSequenceClassification``), or None. Only a path that no other module name ends

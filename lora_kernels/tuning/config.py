@@ -17,7 +17,8 @@ _NOT_IN_PEFT = {"tokenizer", "prompt_template", "verbalizer", "frozen_modules", 
 
 @dataclass(kw_only=True)
 class TuningConfig:
-    """Fields common to every method (as PEFT's ``PeftConfig``)."""
+    """Fields common to every method (as PEFT's ``PeftConfig``). ``task_type`` None: inferred
+    from the model class by ``tune`` (see ``integrations.model_families.infer_task_type``)."""
 
     peft_type: ClassVar[str] = ""
     task_type: str | None = None

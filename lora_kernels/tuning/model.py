@@ -19,6 +19,7 @@ from ..integrations.model_families import (
     TASK_HEADS,
     attention_geometry,
     classifier_pooler,
+    infer_task_type,
     self_attention_layers,
 )
 from ..nn.lora_linear import LoRALinear
@@ -568,7 +569,10 @@ def tune(model: nn.Module, config: TuningConfig, *, fused_attention: bool = True
     ``prefix_attention`` (always on for prefix tuning; a model whose attention cannot be
     reached then only gets a warning for the other methods).
 
-    On any error the model is left exactly as it was.
+    ``config.task_type`` None is inferred from the model class (``...ForCausalLM`` ->
+    "CAUSAL_LM", ``...ForSequenceClassification`` -> "SEQ_CLS", ...) and written with the
+    adapter, so PEFT loads it as the matching ``PeftModelFor...`` class. On any error the model
+    is left exactly as it was.
 
     Equivalent PEFT::
 
@@ -579,6 +583,8 @@ def tune(model: nn.Module, config: TuningConfig, *, fused_attention: bool = True
     if method is None:
         raise TypeError(f"tune: expected one of {[c.__name__ for c in _METHODS]}, got {type(config).__name__}")
     config = copy.copy(config)
+    if config.task_type is None:
+        config.task_type = infer_task_type(model)
     tuned = TunedModel(model, config)
     try:
         method(tuned, config)
