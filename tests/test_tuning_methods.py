@@ -259,7 +259,7 @@ def test_lora_regex_targets_and_modules_to_save():
     names = sorted(n for n, m in model.named_modules() if isinstance(m, lk.LoRALinear))
     assert names == ["model.layers.0.self_attn.k_proj", "model.layers.0.self_attn.q_proj"]
     assert all(p.requires_grad for p in model.lm_head.parameters())
-    original = tuned._saved_modules["lm_head"]
+    original = tuned.modules_to_save["lm_head"]
     assert original is not model.lm_head and not original.weight.requires_grad
 
 

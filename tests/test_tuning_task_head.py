@@ -82,7 +82,7 @@ def test_saved_adapter_with_the_pooler_loads_in_peft(method, tmp_path):
     torch.testing.assert_close(tuned(**inputs).logits, theirs(**inputs).logits, rtol=1e-5, atol=1e-5)
     # and back here: the same modules train, no pooler beyond what the file holds
     loaded = lk.load_adapter(make_model("bert"), tmp_path, is_trainable=True)
-    assert sorted(loaded._saved_modules) == ["bert.pooler", "classifier"]
+    assert sorted(loaded.modules_to_save) == ["bert.pooler", "classifier"]
     torch.testing.assert_close(loaded(**inputs).logits, theirs(**inputs).logits, rtol=1e-5, atol=1e-5)
 
 
@@ -93,7 +93,7 @@ def test_a_peft_adapter_loads_with_peft_trainable_set(tmp_path):
                                                                      task_type="SEQ_CLS"))
     theirs.save_pretrained(str(tmp_path))
     loaded = lk.load_adapter(make_model("bert"), tmp_path, is_trainable=True)
-    assert sorted(loaded._saved_modules) == ["classifier"]
+    assert sorted(loaded.modules_to_save) == ["classifier"]
     assert not any(p.requires_grad for p in loaded.base_model.bert.pooler.parameters())
 
 
@@ -115,5 +115,5 @@ def test_pooler_per_family(family, pooler):
     model = _tiny(family)
     assert classifier_pooler(model) == pooler
     tuned = lk.tune(model, lk.PromptTuningConfig(num_virtual_tokens=2, task_type="SEQ_CLS"))
-    assert (pooler in tuned._saved_modules) if pooler else all(
-        n in ("classifier", "score") for n in tuned._saved_modules)
+    assert (pooler in tuned.modules_to_save) if pooler else all(
+        n in ("classifier", "score") for n in tuned.modules_to_save)

@@ -261,7 +261,7 @@ def _accelerate_prefix(peft_model: nn.Module, handle: Acceleration, backend: str
     def install():
         if not state["installed"]:
             for i, module in enumerate(attn):
-                module.__dict__[hf_attention.PREFIX_ATTR] = lambda i=i: (state["kv"][2 * i], state["kv"][2 * i + 1])
+                hf_attention.set_layer_prefix(module, lambda i=i: (state["kv"][2 * i], state["kv"][2 * i + 1]))
             state["was_enabled"] = hf_attention.is_fused_attention_enabled(base)
             hf_attention.enable_fused_attention(base)
             state["installed"] = True
@@ -269,7 +269,7 @@ def _accelerate_prefix(peft_model: nn.Module, handle: Acceleration, backend: str
     def uninstall():
         if state["installed"]:
             for module in attn:
-                module.__dict__.pop(hf_attention.PREFIX_ATTR, None)
+                hf_attention.clear_layer_prefix(module)
             if not state["was_enabled"]:
                 hf_attention.disable_fused_attention(base)
             state["installed"] = False

@@ -23,7 +23,7 @@ import os
 import torch
 from torch import nn
 
-from ..nn.lora_linear import LoRALinear
+from ..nn.lora_linear import LoRALinear, is_conv1d
 from .config import (
     FullFineTuningConfig,
     LoraConfig,
@@ -31,6 +31,7 @@ from .config import (
     PromptTuningConfig,
     TuningConfig,
 )
+from .targets import lora_target_names, modules_to_save_names
 
 CONFIG_NAME = "adapter_config.json"
 EXTRA_CONFIG_NAME = "lora_kernels_config.json"
@@ -69,7 +70,7 @@ def adapter_state_dict(tuned) -> dict[str, torch.Tensor]:
                 if isinstance(bias, torch.Tensor):
                     out[f"{PREFIX}{name}.bias"] = bias.detach()
     prefix = _module_prefix(config)
-    for name in tuned._saved_modules:
+    for name in tuned.modules_to_save:
         for key, value in model.get_submodule(name).state_dict().items():
             out[f"{prefix}{name}.{key}"] = value.detach()
     return out
@@ -113,7 +114,7 @@ def save_adapter(tuned, save_directory, *, safe_serialization: bool = True) -> N
             data["target_modules"] = sorted({n.split(".")[-1] for n in layers})
     if "modules_to_save" in data:
         # every module saved, by its full path (PEFT matches these as name suffixes)
-        saved = set(data["modules_to_save"] or []) | set(tuned._saved_modules)
+        saved = set(data["modules_to_save"] or []) | set(tuned.modules_to_save)
         data["modules_to_save"] = sorted(saved) or None
     if data.get("base_model_name_or_path") is None:
         data["base_model_name_or_path"] = getattr(getattr(model, "config", None), "_name_or_path", None) or None
@@ -177,77 +178,53 @@ def _check_shapes(what: str, expected: dict[str, tuple], tensors: dict[str, torc
         raise ValueError(f"load_adapter: the {what} adapter does not fit this model: " + ", ".join(parts))
 
 
-def load_adapter(model: nn.Module, directory, *, is_trainable: bool = False, allow_bin: bool = False,
-                 fused_attention: bool = True):
-    """Load an adapter saved here or by PEFT onto ``model`` (a transformers model); returns
-    the ``TunedModel``. ``is_trainable=False`` puts it in eval mode with its parameters frozen.
-    An adapter that does not fit the model raises ``ValueError`` with the model unchanged.
-
-    Equivalent PEFT::
-
-        peft.PeftModel.from_pretrained(model, directory)
-    """
-    from .model import TunedModel, tune
-
-    if isinstance(model, TunedModel):
-        raise TypeError("load_adapter: the model is already tuned; call unload() first")
-    config, tensors = read_adapter(directory, allow_bin=allow_bin)
+def config_for_loading(config: TuningConfig, model: nn.Module, is_trainable: bool) -> tuple[TuningConfig, dict]:
+    """The config to ``tune`` with for an adapter read from a file, and the fields to put back
+    on the tuned model's config afterwards. The file's ``modules_to_save`` names exactly the
+    modules it holds: PEFT writes every classifier name it knows (["classifier", "score"]), so
+    only those present are kept, and no pooler is added (``train_pooler``). Prefix tuning's file
+    holds the encoder's output (no reparameterisation MLP); prompt tuning's weights come from
+    the file (no tokenizer needed for a TEXT init)."""
     config = copy.copy(config)
     config.inference_mode = not is_trainable
+    restore = {}
     if getattr(config, "modules_to_save", None):
-        # PEFT writes every classifier name it knows (["classifier", "score"]); keep those present
         names = [n for n, _ in model.named_modules() if n]
         config.modules_to_save = [t for t in config.modules_to_save
                                   if any(n == t or n.endswith("." + t) for n in names)] or None
-    if isinstance(config, FullFineTuningConfig):
-        return _load_full(model, config, tensors, is_trainable, fused_attention)
+    if getattr(config, "train_pooler", None) is not None:
+        restore["train_pooler"], config.train_pooler = config.train_pooler, False
     if isinstance(config, PrefixTuningConfig):
-        config.prefix_projection = False  # the file holds the encoder's output
-    init = getattr(config, "prompt_tuning_init", None)
+        config.prefix_projection = False
     if isinstance(config, PromptTuningConfig):
-        # the weights come from the file: no tokenizer needed to initialise them
+        restore["prompt_tuning_init"] = config.prompt_tuning_init
         config = dataclasses.replace(config, prompt_tuning_init="RANDOM")
-    train_pooler = getattr(config, "train_pooler", None)
-    if train_pooler is not None:
-        # the file's modules_to_save names every module it holds (a PEFT adapter: no pooler)
-        config.train_pooler = False
+    return config, restore
+
+
+def check_fits(model: nn.Module, config: TuningConfig, tensors: dict[str, torch.Tensor]) -> None:
+    """ValueError, before the model is touched, when the file's tensors do not fit ``model``
+    (LoRA and full fine-tuning; prompt learning is checked by ``fill_adapter``)."""
     if isinstance(config, LoraConfig):
-        _precheck_lora(model, config, tensors)
-    try:
-        tuned = tune(model, config, fused_attention=fused_attention)
-    except ValueError as err:
-        raise ValueError(f"load_adapter: the {config.peft_type} adapter in {directory} does not fit "
-                         f"{type(model).__name__}: {err}") from None
-    try:
-        _fill(tuned, config, tensors)
-    except BaseException:
-        tuned.unload()
-        raise
-    if init is not None:
-        tuned.config_tuning.prompt_tuning_init = init
-    if train_pooler is not None:
-        tuned.config_tuning.train_pooler = train_pooler
-    if not is_trainable:
-        for p in tuned.parameters():
-            p.requires_grad_(False)
-        tuned.eval()
-    return tuned
+        _check_lora(model, config, tensors)
+    elif isinstance(config, FullFineTuningConfig):
+        state = model.state_dict()
+        expected = {k: tuple(v.shape) for k, v in _dedup(state).items()}
+        extra = {k: tuple(state[k].shape) for k in tensors if k in state and k not in expected}
+        _check_shapes("full fine-tuning", {**expected, **extra}, tensors)
 
 
-def _precheck_lora(model, config: LoraConfig, tensors) -> None:
-    from .lora import resolve_target_names
-    from .model import _modules_to_save
-
+def _check_lora(model, config: LoraConfig, tensors) -> None:
     try:
-        names = resolve_target_names(model, config)
-        keep = _modules_to_save(model, config)
+        names = lora_target_names(model, config)
+        keep = modules_to_save_names(model, config)
     except ValueError as err:
         raise ValueError(f"load_adapter: the LoRA adapter does not fit {type(model).__name__}: {err}") from None
     modules = dict(model.named_modules())
     expected = {}
     for name in names:
         m = modules[name]
-        out_f, in_f = (m.weight.shape[::-1] if type(m).__name__ == "Conv1D" else m.weight.shape)
+        out_f, in_f = (m.weight.shape[::-1] if is_conv1d(m) else m.weight.shape)
         expected[f"{PREFIX}{name}.lora_A.weight"] = (config.r, int(in_f))
         expected[f"{PREFIX}{name}.lora_B.weight"] = (int(out_f), config.r)
         if m.bias is not None and f"{PREFIX}{name}.base_layer.bias" in tensors:
@@ -265,8 +242,15 @@ def _precheck_lora(model, config: LoraConfig, tensors) -> None:
     _check_shapes("LoRA", expected, tensors)
 
 
-def _fill(tuned, config, tensors) -> None:
-    model = tuned.base_model
+def fill_adapter(tuned, tensors: dict[str, torch.Tensor]) -> None:
+    """Copy the file's tensors into the tuned model (PEFT's key names -> our modules)."""
+    config, model = tuned.config_tuning, tuned.base_model
+    if isinstance(config, FullFineTuningConfig):
+        state = model.state_dict()
+        with torch.no_grad():
+            for key, value in tensors.items():
+                state[key].copy_(value)
+        return
     if isinstance(config, (PromptTuningConfig, PrefixTuningConfig)):
         encoder = tuned.prompt_encoder if isinstance(config, PromptTuningConfig) else tuned.prefix_encoder
         expected = {"prompt_embeddings": tuple(encoder.embedding.weight.shape)}
@@ -293,25 +277,7 @@ def _fill(tuned, config, tensors) -> None:
 
 def _saved_module_state(tuned) -> dict[str, torch.Tensor]:
     out, prefix = {}, _module_prefix(tuned.config_tuning)
-    for name in tuned._saved_modules:
+    for name in tuned.modules_to_save:
         for key, value in tuned.base_model.get_submodule(name).state_dict().items():
             out[f"{prefix}{name}.{key}"] = value
     return out
-
-
-def _load_full(model, config, tensors, is_trainable, fused_attention):
-    from .model import tune
-
-    state = model.state_dict()
-    expected = {k: tuple(v.shape) for k, v in _dedup(state).items()}
-    extra = {k: tuple(state[k].shape) for k in tensors if k in state and k not in expected}
-    _check_shapes("full fine-tuning", {**expected, **extra}, tensors)
-    tuned = tune(model, config, fused_attention=fused_attention)
-    with torch.no_grad():
-        for key, value in tensors.items():
-            state[key].copy_(value)
-    if not is_trainable:
-        for p in tuned.parameters():
-            p.requires_grad_(False)
-        tuned.eval()
-    return tuned
