@@ -71,7 +71,8 @@ def tune(model: nn.Module, config: TuningConfig, *, fused_attention: bool = True
 def load_adapter(model: nn.Module, directory, *, is_trainable: bool = False, allow_bin: bool = False,
                  fused_attention: bool = True) -> TunedModel:
     """Load an adapter saved here or by PEFT onto ``model`` (a transformers model); returns
-    the ``TunedModel``. ``is_trainable=False`` puts it in eval mode with its parameters frozen.
+    the ``TunedModel``. A transformers model folder (``config.json`` + ``model.safetensors``,
+    as full fine-tuning saves) loads as full fine-tuning. ``is_trainable=False`` puts it in eval mode with its parameters frozen.
     An adapter that does not fit the model raises ``ValueError`` with the model unchanged.
 
     Equivalent PEFT::

@@ -8,7 +8,9 @@ A directory holds ``adapter_config.json`` (PEFT's field names, ``indent=2``, sor
   ``<module>.bias`` elsewhere; ``modules_to_save`` as ``base_model.model.<module>.<param>``.
 - prompt tuning: ``prompt_embeddings`` (P, hidden); prefix tuning: ``prompt_embeddings``
   (P, layers*2*Hkv*D), the prefix encoder's output (a reparameterisation MLP is not saved).
-- full fine-tuning (ours, no PEFT equivalent): ``peft_type`` "FULL" and the model's own keys.
+- full fine-tuning has no adapter: the directory is a transformers model folder
+  (``save_pretrained``: ``config.json`` + ``model.safetensors``, loadable by
+  ``AutoModel*.from_pretrained``), plus our config in ``lora_kernels_config.json``.
 
 Fields PEFT does not have (prompt template, verbalizer, ...) go to ``lora_kernels_config.json``.
 """
@@ -34,6 +36,8 @@ from .config import (
 from .targets import lora_target_names, modules_to_save_names
 
 CONFIG_NAME = "adapter_config.json"
+MODEL_CONFIG_NAME = "config.json"  # a transformers model folder (full fine-tuning)
+MODEL_WEIGHTS_NAME = "model.safetensors"
 EXTRA_CONFIG_NAME = "lora_kernels_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 BIN_NAME = "adapter_model.bin"
@@ -53,7 +57,7 @@ def adapter_state_dict(tuned) -> dict[str, torch.Tensor]:
         encoder = tuned.prompt_encoder if isinstance(config, PromptTuningConfig) else tuned.prefix_encoder
         out = {"prompt_embeddings": encoder().detach()}
     elif isinstance(config, FullFineTuningConfig):
-        return _dedup(model.state_dict())
+        return dict(model.state_dict())
     else:
         out = {}
         layers = {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
@@ -82,29 +86,35 @@ def _full(tensor: torch.Tensor) -> torch.Tensor:
     return full_tensor() if callable(full_tensor) else tensor
 
 
-def _dedup(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Drop keys sharing storage with an earlier key (tied weights), as safetensors requires."""
-    seen, out = set(), {}
+def tied_groups(state: dict[str, torch.Tensor]) -> list[list[str]]:
+    """The state's keys grouped by the storage they share (tied weights share one)."""
+    groups: dict[tuple, list[str]] = {}
     for key, value in state.items():
         ident = (value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape))
-        if value.numel() and ident in seen:
-            continue
-        seen.add(ident)
-        out[key] = value
-    return out
+        groups.setdefault(ident if value.numel() else (key,), []).append(key)
+    return list(groups.values())
+
+
+def _is_writer() -> bool:
+    """Rank 0 under torch.distributed (or no process group)."""
+    dist = torch.distributed
+    return not (dist.is_available() and dist.is_initialized() and dist.get_rank() != 0)
 
 
 def save_adapter(tuned, save_directory, *, safe_serialization: bool = True) -> None:
-    """Write the adapter of ``tuned`` to ``save_directory`` in PEFT's format. Under
-    torch.distributed call it on every rank (sharded tensors are gathered); rank 0 writes."""
+    """Write the adapter of ``tuned`` to ``save_directory`` in PEFT's format (full fine-tuning:
+    a transformers model folder, always safetensors). Under torch.distributed call it on every
+    rank (sharded tensors are gathered); rank 0 writes."""
     from safetensors.torch import save_file
 
+    config, model = tuned.config_tuning, tuned.base_model
+    if isinstance(config, FullFineTuningConfig):
+        _save_model_folder(model, config, save_directory)
+        return
     tensors = {k: _full(v).contiguous().cpu() for k, v in adapter_state_dict(tuned).items()}
-    if torch.distributed.is_available() and torch.distributed.is_initialized() \
-            and torch.distributed.get_rank() != 0:
+    if not _is_writer():
         return
     os.makedirs(save_directory, exist_ok=True)
-    config, model = tuned.config_tuning, tuned.base_model
     data = config.to_dict(peft_only=True)
     data["inference_mode"] = True
     if isinstance(config, LoraConfig):
@@ -130,13 +140,26 @@ def save_adapter(tuned, save_directory, *, safe_serialization: bool = True) -> N
         torch.save(tensors, os.path.join(save_directory, BIN_NAME))
 
 
+def _save_model_folder(model: nn.Module, config: FullFineTuningConfig, save_directory) -> None:
+    """Full fine-tuning: ``model.save_pretrained`` (tied weights stored once) and our config."""
+    state = {k: _full(v) for k, v in model.state_dict().items()}
+    if not _is_writer():
+        return
+    model.save_pretrained(save_directory, state_dict=state)
+    with open(os.path.join(save_directory, EXTRA_CONFIG_NAME), "w") as f:
+        json.dump(config.to_dict(), f, indent=2, sort_keys=True)
+
+
 # -- loading ---------------------------------------------------------------------------------
 def read_adapter(directory, *, allow_bin: bool = False) -> tuple[TuningConfig, dict[str, torch.Tensor]]:
     """(config, tensors) of an adapter directory. ``.bin`` only with ``allow_bin=True`` (read
     with ``torch.load(weights_only=True)``)."""
     path = os.path.join(directory, CONFIG_NAME)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"load_adapter: no {CONFIG_NAME} in {directory}")
+        if os.path.isfile(os.path.join(directory, MODEL_CONFIG_NAME)):
+            return _read_model_folder(directory)
+        raise FileNotFoundError(f"load_adapter: no {CONFIG_NAME} (an adapter) nor {MODEL_CONFIG_NAME} "
+                                f"(a full fine-tuning model folder) in {directory}")
     with open(path) as f:
         data = json.load(f)
     extra_path = os.path.join(directory, EXTRA_CONFIG_NAME)
@@ -159,6 +182,34 @@ def read_adapter(directory, *, allow_bin: bool = False) -> tuple[TuningConfig, d
         tensors = torch.load(os.path.join(directory, BIN_NAME), map_location="cpu", weights_only=True)
     else:
         raise FileNotFoundError(f"load_adapter: no {WEIGHTS_NAME} in {directory}")
+    return config, tensors
+
+
+def _read_model_folder(directory) -> tuple[FullFineTuningConfig, dict[str, torch.Tensor]]:
+    """A transformers model folder as full fine-tuning: the config from
+    ``lora_kernels_config.json`` (defaults without it), every ``*.safetensors`` weight file
+    (sharded or not) read."""
+    from safetensors.torch import load_file
+
+    data = {}
+    extra_path = os.path.join(directory, EXTRA_CONFIG_NAME)
+    if os.path.isfile(extra_path):
+        with open(extra_path) as f:
+            data = json.load(f)
+    data["peft_type"] = FullFineTuningConfig.peft_type
+    config = TuningConfig.from_dict(data)
+    index = os.path.join(directory, MODEL_WEIGHTS_NAME + ".index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+    elif os.path.isfile(os.path.join(directory, MODEL_WEIGHTS_NAME)):
+        files = [MODEL_WEIGHTS_NAME]
+    else:
+        raise FileNotFoundError(f"load_adapter: the model folder {directory} has no {MODEL_WEIGHTS_NAME} "
+                                "(only safetensors weights are read)")
+    tensors = {}
+    for name in files:
+        tensors.update(load_file(os.path.join(directory, name)))
     return config, tensors
 
 
@@ -209,9 +260,16 @@ def check_fits(model: nn.Module, config: TuningConfig, tensors: dict[str, torch.
         _check_lora(model, config, tensors)
     elif isinstance(config, FullFineTuningConfig):
         state = model.state_dict()
-        expected = {k: tuple(v.shape) for k, v in _dedup(state).items()}
-        extra = {k: tuple(state[k].shape) for k in tensors if k in state and k not in expected}
-        _check_shapes("full fine-tuning", {**expected, **extra}, tensors)
+        # a tied weight is saved once, under either of its names
+        expected = {k: tuple(state[k].shape) for k in state if k in tensors}
+        for group in tied_groups(state):
+            if not any(k in tensors for k in group):
+                expected[group[0]] = tuple(state[group[0]].shape)
+        try:
+            _check_shapes("full fine-tuning", expected, tensors)
+        except ValueError as err:
+            raise ValueError(f"{err} (a model folder whose keys transformers converts on loading: load it with "
+                             "AutoModel*.from_pretrained, then tune it)") from None
 
 
 def _check_lora(model, config: LoraConfig, tensors) -> None:

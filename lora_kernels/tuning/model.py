@@ -188,8 +188,9 @@ class TunedModel(nn.Module):
 
     # -- saving -----------------------------------------------------------------------------
     def save_adapter(self, save_directory, *, safe_serialization: bool = True) -> None:
-        """Write ``adapter_config.json`` + ``adapter_model.safetensors`` in PEFT's format
-        (full fine-tuning: the whole state dict)."""
+        """Write ``adapter_config.json`` + ``adapter_model.safetensors`` in PEFT's format. Full
+        fine-tuning has no adapter: a transformers model folder (``save_pretrained``, read by
+        ``AutoModel*.from_pretrained`` and by ``load_adapter``)."""
         io.save_adapter(self, save_directory, safe_serialization=safe_serialization)
 
     def save_pretrained(self, save_directory, safe_serialization: bool = True, **_ignored) -> None:
