@@ -90,8 +90,13 @@ def tied_groups(state: dict[str, torch.Tensor]) -> list[list[str]]:
     """The state's keys grouped by the storage they share (tied weights share one)."""
     groups: dict[tuple, list[str]] = {}
     for key, value in state.items():
-        ident = (value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape))
-        groups.setdefault(ident if value.numel() else (key,), []).append(key)
+        try:
+            shared = value.numel() > 0 and value.device.type != "meta"
+            ident = (value.untyped_storage().data_ptr(), value.storage_offset(), tuple(value.shape)) if shared \
+                else (key,)
+        except (RuntimeError, NotImplementedError, TypeError):  # a tensor subclass without storage
+            ident = (key,)
+        groups.setdefault(ident, []).append(key)
     return list(groups.values())
 
 

@@ -198,6 +198,54 @@ class TunedModel(nn.Module):
         ``state_dict`` are ignored: the adapter is read from the model)."""
         self.save_adapter(save_directory, safe_serialization=safe_serialization)
 
+    # -- state dict: the method's tensors ----------------------------------------------------
+    def state_dict(self, *, destination=None, prefix: str = "", keep_vars: bool = False):
+        """The method's tensors only, under their module keys: LoRA's ``lora_A``/``lora_B`` (and
+        biases per ``bias``), the prompt or prefix encoder, the modules_to_save copies; full
+        fine-tuning: the whole model, a tied weight once. The frozen base model's weights are
+        ``base_model.state_dict()``. So a training loop's checkpoint of this module (transformers'
+        Trainer saves ``state_dict()``) holds what training changes, not the whole model."""
+        full = super().state_dict(prefix=prefix, keep_vars=keep_vars)
+        keep = self._method_keys({k[len(prefix):]: v for k, v in full.items()})
+        out = destination if destination is not None else type(full)()
+        metadata = getattr(full, "_metadata", None)
+        if metadata is not None:
+            out._metadata = {**getattr(out, "_metadata", {}), **metadata}
+        for key, value in full.items():
+            if key[len(prefix):] in keep:
+                out[key] = value
+        return out
+
+    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
+        """Load what ``state_dict()`` returns (any other key of the module is accepted too).
+        ``strict``: every one of the method's keys present and no unknown key."""
+        own = super().state_dict(keep_vars=True)
+        missing = sorted(self._method_keys(own) - set(state_dict))
+        unexpected = sorted(set(state_dict) - set(own))
+        if strict and (missing or unexpected):
+            raise RuntimeError(f"Error(s) in loading state_dict for {type(self).__name__}: "
+                               f"missing keys {missing[:8]}, unexpected keys {unexpected[:8]}")
+        super().load_state_dict(state_dict, strict=False, assign=assign)
+        return nn.modules.module._IncompatibleKeys(missing, unexpected)
+
+    def _method_keys(self, state: dict) -> set[str]:
+        """The keys of ``state`` (this module's full state, no prefix) that belong to the method."""
+        config = self.config_tuning
+        layers = set(lora_layers(self.base_model))
+        saved = tuple(f"base_model.{n}." for n in self.modules_to_save)
+        keys = []
+        for key in state:
+            if key.startswith(("prompt_encoder.", "prefix_encoder.")) or key.startswith(saved):
+                keys.append(key)
+            elif isinstance(config, FullFineTuningConfig):
+                keys.append(key)
+            elif isinstance(config, LoraConfig) and key.startswith("base_model."):
+                owner, _, leaf = key[len("base_model."):].rpartition(".")
+                if (leaf in ("lora_A", "lora_B") and owner in layers) or (leaf == "bias" and (
+                        config.bias == "all" or (config.bias == "lora_only" and owner in layers))):
+                    keys.append(key)
+        return {group[0] for group in io.tied_groups({k: state[k] for k in keys})}
+
     # -- LoRA merge / unmerge -----------------------------------------------------------------
     def _lora_layers(self) -> dict[str, LoRALinear]:
         layers = lora_layers(self.base_model)
