@@ -44,7 +44,7 @@ from .model_families import attention_geometry, self_attention_layers
 
 logger = logging.getLogger(__name__)
 _BACKEND_ATTR = "_lora_kernels_backend"
-_PREFIX_ATTR = "_lora_kernels_prefix_state"
+_STATE_ATTR = "_lora_kernels_prefix_state"
 _PREFIX_CLASS = "PrefixAccelerated"
 _CLASSES: dict[str, type] = {}
 
@@ -227,9 +227,9 @@ def restore(peft_model: nn.Module) -> None:
             module.__class__ = type(module).__bases__[-1]
             module.__dict__.pop(_BACKEND_ATTR, None)
     if isinstance(peft_model, _PrefixForward):
-        peft_model.__dict__[_PREFIX_ATTR].uninstall(peft_model.base_model)
+        peft_model.__dict__[_STATE_ATTR].uninstall(peft_model.base_model)
         peft_model.__class__ = type(peft_model).__bases__[-1]
-        del peft_model.__dict__[_PREFIX_ATTR]
+        del peft_model.__dict__[_STATE_ATTR]
 
 
 # -- prefix tuning ---------------------------------------------------------------------------
@@ -336,7 +336,7 @@ class _PrefixForward:
     or task ids, ``generate``, and an active adapter that is not this prefix take PEFT's path."""
 
     def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, **kwargs):
-        state: _PrefixState = self.__dict__[_PREFIX_ATTR]
+        state: _PrefixState = self.__dict__[_STATE_ATTR]
         config = self.active_peft_config
         on_peft = _PASSTHROUGH & {k for k, v in kwargs.items() if v is not None and v is not False}
         if on_peft or str(getattr(config.peft_type, "value", config.peft_type)) != "PREFIX_TUNING" \
@@ -353,7 +353,7 @@ class _PrefixForward:
                                labels=labels, position_ids=position_ids, use_cache=False, **kwargs)
 
     def generate(self, *args, **kwargs):
-        self.__dict__[_PREFIX_ATTR].uninstall(self.base_model)
+        self.__dict__[_STATE_ATTR].uninstall(self.base_model)
         return super().generate(*args, **kwargs)
 
 
@@ -376,6 +376,6 @@ def _accelerate_prefix(peft_model: nn.Module, handle: Acceleration) -> None:
         handle.skipped["<prefix tuning>"] = reason
         return
     names = [name for name, _ in self_attention_layers(peft_model.base_model)]
-    peft_model.__dict__[_PREFIX_ATTR] = _PrefixState(names, _geometry(config))
+    peft_model.__dict__[_STATE_ATTR] = _PrefixState(names, _geometry(config))
     peft_model.__class__ = _prefix_class(type(peft_model))
     handle.prefix = True
