@@ -106,6 +106,8 @@ def test_state_dict_round_trip_and_strictness():
     assert not other.load_state_dict(state).missing_keys
     assert all(torch.equal(other.state_dict()[k], v) for k, v in state.items())
     state.pop(next(iter(state)))
-    with pytest.raises(RuntimeError, match="missing keys"):
+    with pytest.raises(RuntimeError, match="Missing key"):
         other.load_state_dict(state)
     assert len(other.load_state_dict(state, strict=False).missing_keys) == 1
+    wrapped = torch.nn.ModuleDict({"module": other})  # through a wrapper, as DDP's "module."
+    assert not wrapped.load_state_dict(wrapped.state_dict()).missing_keys

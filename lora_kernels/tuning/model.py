@@ -76,6 +76,7 @@ class TunedModel(nn.Module):
         self.modules_to_save: dict[str, nn.Module] = {}
         self._adapter_enabled = True
         self._owner = id(model)  # the undo steps act on this model object
+        self.register_load_state_dict_post_hook(_only_method_keys_required)
 
     # -- attribute fallback -----------------------------------------------------------------
     def __getattr__(self, name: str):
@@ -204,7 +205,9 @@ class TunedModel(nn.Module):
         biases per ``bias``), the prompt or prefix encoder, the modules_to_save copies; full
         fine-tuning: the whole model, a tied weight once. The frozen base model's weights are
         ``base_model.state_dict()``. So a training loop's checkpoint of this module (transformers'
-        Trainer saves ``state_dict()``) holds what training changes, not the whole model."""
+        Trainer saves ``state_dict()``) holds what training changes, not the whole model.
+        ``load_state_dict`` takes such a dict (also through a wrapper such as DDP): with
+        ``strict``, only the method's keys must be present."""
         full = super().state_dict(prefix=prefix, keep_vars=keep_vars)
         keep = self._method_keys({k[len(prefix):]: v for k, v in full.items()})
         out = destination if destination is not None else type(full)()
@@ -215,18 +218,6 @@ class TunedModel(nn.Module):
             if key[len(prefix):] in keep:
                 out[key] = value
         return out
-
-    def load_state_dict(self, state_dict, strict: bool = True, assign: bool = False):
-        """Load what ``state_dict()`` returns (any other key of the module is accepted too).
-        ``strict``: every one of the method's keys present and no unknown key."""
-        own = super().state_dict(keep_vars=True)
-        missing = sorted(self._method_keys(own) - set(state_dict))
-        unexpected = sorted(set(state_dict) - set(own))
-        if strict and (missing or unexpected):
-            raise RuntimeError(f"Error(s) in loading state_dict for {type(self).__name__}: "
-                               f"missing keys {missing[:8]}, unexpected keys {unexpected[:8]}")
-        super().load_state_dict(state_dict, strict=False, assign=assign)
-        return nn.modules.module._IncompatibleKeys(missing, unexpected)
 
     def _method_keys(self, state: dict) -> set[str]:
         """The keys of ``state`` (this module's full state, no prefix) that belong to the method."""
@@ -304,3 +295,17 @@ class TunedModel(nn.Module):
         self._undo = [(step, swap) for step, swap in self._undo if not swap]
         self._run_undo()
         return model
+
+
+def _only_method_keys_required(module: TunedModel, incompatible) -> None:
+    """load_state_dict post-hook: the frozen base model's keys are not missing (their values
+    are the pretrained model's, which a state dict of the method does not carry). The keys may
+    carry a wrapper's prefix ("module."), so they are matched by dotted suffix."""
+    own = nn.Module.state_dict(module, keep_vars=True)
+    frozen = set(own) - module._method_keys(own)
+    kept = []
+    for key in incompatible.missing_keys:
+        parts = key.split(".")
+        if not any(".".join(parts[i:]) in frozen for i in range(len(parts))):
+            kept.append(key)
+    incompatible.missing_keys[:] = kept
