@@ -34,15 +34,16 @@ def machine_info(device: str | torch.device = "cpu") -> dict[str, str]:
 
 
 def portable_path(path: str | Path) -> str:
-    """``path`` as a result file should record it: relative to the working folder, the
-    repository or site-packages when inside one of them, else only its last two parts (a result
+    """``path`` as a result file should record it: relative to site-packages, the working
+    folder or the repository when inside one of them, else only its last two parts (a result
     file must not carry the layout of the machine it was written on)."""
     path = Path(path)
     if not path.is_absolute():
         return path.as_posix()
     resolved = path.resolve()
-    bases = [Path.cwd(), Path(__file__).resolve().parents[2],
-             *(Path(p) for p in {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]})]
+    # site-packages first: a virtualenv often lives inside the working folder or the repository
+    bases = [*(Path(p) for p in {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}),
+             Path.cwd(), Path(__file__).resolve().parents[2]]
     for base in bases:
         try:
             return resolved.relative_to(base.resolve()).as_posix()
