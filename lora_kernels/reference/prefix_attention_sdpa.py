@@ -22,6 +22,12 @@ memory-efficient kernel serves it:
 The backward is autograd's: SDPA's fused backward kernels with the log-sum-exp the forward kept,
 nothing recomputed. No (B, H, Lq, P + Lk) tensor exists. The oracle of the tests is
 :func:`lora_kernels.reference.prefix_attention.oracle`.
+
+Why this design: plain differentiable SDPA, outside the custom op, is what PEFT runs, so it can
+be no slower by construction, and autograd owns its backward. The alternative, the CPU path's
+split (prefix and sequence apart) merged by log-sum-exp on CUDA's aten flash / efficient ops,
+avoids the concatenation but needs their backward ops called by hand with merged statistics,
+per kernel and per PyTorch version: more to keep correct for a copy of (B, Hkv, P + Lk, D).
 """
 
 from __future__ import annotations
