@@ -82,7 +82,8 @@ def _device_path(device: torch.device) -> bool:
 class KeepMasks:
     """Keep-masks of successive row chunks of x (T, in), as 0./1. in ``dtype`` (1 = kept),
     drawn into a buffer reused from chunk to chunk. The mask of a chunk is a pure function of
-    (seed, chunk, shape, device type).
+    (seed, chunk, shape) for a given device type and adapter dtype (forward and backward share
+    both).
 
     On CUDA one ``bernoulli_`` launch per chunk. On the CPU 16 random bits per element (four per
     64-bit draw: a quarter of the generator calls of ``torch.rand``), kept when above ``p`` of
