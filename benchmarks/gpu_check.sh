@@ -33,9 +33,11 @@ export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
 export LORA_KERNELS_FORCE_CUDA_BUILD=1
 export LORA_KERNELS_PTXAS_VERBOSE=1       # registers/spills per kernel, in the install log
 
-# Benchmark command lines (the benchmark scripts belong to their ops; adjust flags here).
+# Benchmarks: each writes $OUT/<name>.json, shown side by side per provider in the table.
+# To add one: a BENCH_<NAME> command line, a step below, and its name in BENCHES.
 BENCH_LORA=("$PY" benchmarks/bench_lora.py --device cuda --json "$OUT/bench_lora.json")
 BENCH_ATTN=("$PY" benchmarks/bench_prefix_attention.py --device cuda --out "$OUT/bench_prefix_attention.json")
+BENCHES=(bench_lora bench_prefix_attention)
 
 STEPS=()
 FAILED=0
@@ -78,12 +80,16 @@ step pytest_gpu 300 "$PY" -m pytest -m gpu -q -p no:cacheprovider \
 step bench_lora 90 "${BENCH_LORA[@]}"
 step bench_prefix_attention 90 "${BENCH_ATTN[@]}"
 
-# The table: steps, then GPU test counts per test file, then the benchmarks' JSON rows.
-"$PY" - "$OUT" "${STEPS[@]}" <<'PYEOF' | tee "$OUT/gpu_check_table.md"
+# The table: steps, then GPU test counts per test file, then one table per benchmark with
+# every provider side by side (median ms, and the ratio to peft run beside it).
+"$PY" - "$OUT" "${BENCHES[*]}" "${STEPS[@]}" <<'PYEOF' | tee "$OUT/gpu_check_table.md"
 import json, os, sys, xml.etree.ElementTree as ET
 from collections import defaultdict
 
-out, steps = sys.argv[1], sys.argv[2:]
+sys.path.insert(0, "benchmarks")
+from common import provider_table
+
+out, benches, steps = sys.argv[1], sys.argv[2].split(), sys.argv[3:]
 print("\n## GPU check\n")
 try:
     import torch
@@ -112,24 +118,22 @@ if os.path.exists(junit):
     for file, c in sorted(counts.items()):
         print(f"| {file} | {c['passed']} | {c['failed']} | {c['skipped']} |")
 
-for bench in ("bench_lora", "bench_prefix_attention"):
+for bench in benches:
     path = os.path.join(out, bench + ".json")
     if not os.path.exists(path):
         print(f"\n{bench}: no JSON written")
         continue
     data = json.load(open(path))
-    rows = data.get("results", data.get("rows", data)) if isinstance(data, dict) else data
-    print(f"\n{bench}:")
-    if isinstance(rows, list) and rows and isinstance(rows[0], dict):
-        timed = [r for r in rows if "median_ms" in r] or rows
-        keys = [k for k in timed[0] if not isinstance(timed[0][k], (dict, list))][:10]
-        rows = timed
-        print("| " + " | ".join(keys) + " |\n|" + " --- |" * len(keys))
-        for r in rows[:40]:
-            cells = [f"{r.get(k):.4g}" if isinstance(r.get(k), float) else str(r.get(k)) for k in keys]
-            print("| " + " | ".join(cells) + " |")
-    else:
-        print(json.dumps(rows)[:2000])
+    rows = data.get("rows") or data.get("results") or []
+    cfg = data.get("config", {})
+    if cfg:  # bench_lora: one shape, given in its config
+        shape = "T{tokens} in{in_features} out{out_features} r{rank} {dtype}".format(**cfg)
+        rows = [{"shape": shape, **r} for r in rows]
+    print(f"\n{bench} (median ms; ratio to peft in the same run):\n")
+    print(provider_table(rows))
+    skipped = data.get("skipped") or {r["provider"]: r["skipped"] for r in rows if "skipped" in r}
+    for provider, why in skipped.items():
+        print(f"- skipped {provider}: {why}")
 PYEOF
 
 if [ "$FAILED" -ne 0 ]; then

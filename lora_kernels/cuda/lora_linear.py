@@ -20,9 +20,11 @@ from __future__ import annotations
 
 import torch
 
+from ..backends import Capabilities
 from . import capability_reasons, dtype_name
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+CAPABILITIES = Capabilities(devices=("cuda",), dtypes=SUPPORTED_DTYPES)
 
 
 
@@ -39,24 +41,14 @@ def not_supported_reasons(x, weight, bias, lora_A, lora_B, dropout_p, training) 
     for name, t in tensors.items():
         if not isinstance(t, torch.Tensor):
             return [f"{name} is not a tensor"]
-    for name, t in tensors.items():
-        if t.device.type != "cuda":
-            reasons.append(f"{name} is on {t.device.type}; the CUDA kernels need CUDA tensors")
+    reasons += CAPABILITIES.reasons({"x": x, "lora_A": lora_A, "lora_B": lora_B})
     reasons += capability_reasons(next(iter(tensors.values())).device)
     if len({t.device for t in tensors.values()}) > 1:
         reasons.append("the tensors are on different devices")
-    if x.dtype not in SUPPORTED_DTYPES:
-        reasons.append(f"x dtype {dtype_name(x.dtype)} is not supported (float32, float16, bfloat16)")
     if weight.dtype != x.dtype:
         reasons.append(f"weight dtype {dtype_name(weight.dtype)} differs from x dtype {dtype_name(x.dtype)}")
     if bias is not None and bias.dtype != x.dtype:
         reasons.append(f"bias dtype {dtype_name(bias.dtype)} differs from x dtype {dtype_name(x.dtype)}")
-    for name in ("lora_A", "lora_B"):
-        if tensors[name].dtype not in SUPPORTED_DTYPES:
-            reasons.append(
-                f"{name} dtype {dtype_name(tensors[name].dtype)} is not supported (float32, float16, "
-                "bfloat16)"
-            )
     if x.dim() != 2:
         reasons.append(f"x must be 2-D (tokens, in), got {x.dim()}-D")
     if weight.dim() != 2 or lora_A.dim() != 2 or lora_B.dim() != 2:

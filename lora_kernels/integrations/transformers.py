@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..ops import prefix_attention
+from ..reference.prefix_attention import causal_keep
 from .model_families import attention_modules
 
 ATTENTION_NAME = "lora_kernels"
@@ -65,7 +66,7 @@ def _decompose(mask: torch.Tensor, causal_first: bool) -> tuple[bool, torch.Tens
     keep = keep[:, 0]
     Lq, Lk = keep.shape[-2:]
     kpm = keep[:, -1, :]
-    tril = torch.ones(Lq, Lk, dtype=torch.bool, device=keep.device).tril(Lk - Lq)
+    tril = causal_keep(Lq, Lk, keep.device)
     for causal in ((True, False) if causal_first else (False, True)):
         expected = kpm[:, None, :] & tril if causal else kpm[:, None, :].expand_as(keep)
         if torch.equal(keep, expected):
@@ -95,7 +96,7 @@ def masked_attention_reference(query, key, value, prefix_k, prefix_v, mask, scal
     bias = torch.zeros(1, 1, Lq, Lk, device=query.device)
     if mask is None:
         if causal:
-            tril = torch.ones(Lq, Lk, dtype=torch.bool, device=query.device).tril(Lk - Lq)
+            tril = causal_keep(Lq, Lk, query.device)
             bias = bias.masked_fill(~tril, float("-inf"))
     elif mask.dtype == torch.bool:
         bias = bias.masked_fill(~mask, float("-inf"))

@@ -32,9 +32,12 @@ import torch
 import triton
 import triton.language as tl
 
+from ..backends import Capabilities
 from ._common import INTERPRETER
 
 MAX_RANK = 256
+CAPABILITIES = Capabilities(devices=("cuda", "cpu"), max_rank=MAX_RANK,
+                            dtypes=(torch.float32, torch.float16, torch.bfloat16))
 _INTERP = tl.constexpr(INTERPRETER)
 _TORCH_TO_TL = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
@@ -424,14 +427,8 @@ def _backward(dy, x, weight, lora_A, lora_B, s, scaling, dropout_p, seed, needs)
 
 def not_supported_reasons(x, weight, bias, lora_A, lora_B, dropout_p, training) -> list[str]:
     """Why the Triton kernels cannot serve these inputs (empty list: they can)."""
-    reasons = []
-    for name, t in (("x", x), ("lora_A", lora_A), ("lora_B", lora_B)):
-        if t.dtype not in _TORCH_TO_TL:
-            reasons.append(f"{name} dtype {str(t.dtype).replace('torch.', '')} (Triton serves "
-                           "float32, float16, bfloat16)")
-    r = lora_A.shape[0]
-    if r > MAX_RANK:
-        reasons.append(f"rank {r} > {MAX_RANK}")
+    reasons = CAPABILITIES.reasons({"x": x, "lora_A": lora_A, "lora_B": lora_B},
+                                   rank=lora_A.shape[0])
     if lora_A.dtype != lora_B.dtype:
         reasons.append("lora_A and lora_B in different dtypes")
     return reasons

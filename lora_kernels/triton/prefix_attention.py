@@ -29,6 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ..backends import Capabilities
 from ._common import INTERPRETER
 
 LOG2E = 1.4426950408889634
@@ -332,17 +333,15 @@ def _bwd_dq_kernel(
 # launchers
 
 
+CAPABILITIES = Capabilities(devices=("cuda", "cpu"),
+                            dtypes=(torch.float32, torch.float16, torch.bfloat16),
+                            max_head_dim=256, dropout=False)
+
+
 def not_supported_reasons(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, dropout_p,
                           training) -> list[str]:
     """Why these kernels cannot serve the inputs (empty: they can)."""
-    reasons = []
-    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        reasons.append(f"triton kernels take float32/float16/bfloat16, got {q.dtype}")
-    if q.shape[-1] > 256:
-        reasons.append(f"triton kernels take head dims up to 256, got {q.shape[-1]}")
-    if dropout_p > 0 and training:
-        reasons.append("dropout_p > 0 in training is served by the torch backend only")
-    return reasons
+    return CAPABILITIES.reasons({"q": q}, head_dim=q.shape[-1], dropout=dropout_p > 0 and training)
 
 
 # Splits of the batch for the gradient of a shared prefix: None = automatic (one program per
