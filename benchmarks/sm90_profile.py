@@ -114,7 +114,14 @@ def main(argv=None) -> int:
     ap.add_argument("--suffix", default="", help="file name suffix, e.g. _triton36")
     ap.add_argument("--json", default=None, help="write only this JSON file (no markdown)")
     ap.add_argument("--quiet", action="store_true")
+    ap.add_argument("--render", metavar="JSON", default=None,
+                    help="only rewrite the markdown beside this profile JSON (no compiling)")
     args = ap.parse_args(argv)
+    if args.render:
+        from sm90 import report
+        src = Path(args.render)
+        src.with_suffix(".md").write_text(report.markdown(json.loads(src.read_text())) + "\n")
+        return 0
     log = (lambda *a: None) if args.quiet else (lambda *a: print(*a, flush=True))
 
     names = {"all": [c.name for c in PROFILE_CASES],

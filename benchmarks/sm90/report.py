@@ -8,9 +8,11 @@ LABEL = ("Static compile profile for sm_90 (H100/H200), no GPU: what ptxas and t
 
 
 def _dots(row) -> str:
+    """Dot count by lowering; a dot cloned by the pipeliner (same line and shape) counts once."""
     kinds: dict[str, int] = {}
-    for d in row.get("dots", []):
-        kinds[d["kind"]] = kinds.get(d["kind"], 0) + 1
+    for _, kind in {(d["where"], d["m"], d["n"], d["k"], d["kind"]): d["kind"]
+                    for d in row.get("dots", [])}.items():
+        kinds[kind] = kinds.get(kind, 0) + 1
     return " ".join(f"{k} {v}" for k, v in sorted(kinds.items())) or "-"
 
 
