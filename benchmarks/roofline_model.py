@@ -363,7 +363,9 @@ def evaluate(providers: dict, shape) -> list[dict]:
                          "bound": "+".join(w.bound() for w in k.works),
                          "MB": (t["read"] + t["write"]) / 1e6, "tensor_GFLOP": (t["tc"] + t["tf32"]) / 1e9,
                          "simt_Ginstr": t["simt"] / 1e9, "exp2_G": t["sfu"] / 1e9,
-                         "atomics_M": k.atomics / 1e6})
+                         "atomics_M": k.atomics / 1e6,
+                         "passes": " ".join(n for n, c in (("x", k.x_pass), ("dY", k.dy_pass),
+                                                           ("Philox", k.philox)) if c)})
         out.append({
             "provider": name, "doc": " ".join((fn.__doc__ or "").split()),
             "kernels": rows, "launches": len(kernels), "ms": sum(r["ms"] for r in rows),
@@ -395,12 +397,13 @@ def _details(op: str, results: list[dict]) -> list[str]:
     lines = [f"### {op}: per kernel ({LABEL})", ""]
     for r in results:
         lines += [f"**{r['provider']}**: {r['doc']}", "",
-                  "| kernel | HBM MB | tensor GFLOP | SIMT G instr | exp2 G | atomics M | bound | modelled ms |",
-                  "| --- | ---: | ---: | ---: | ---: | ---: | --- | ---: |"]
+                  "| kernel | HBM MB | tensor GFLOP | SIMT G instr | exp2 G | atomics M | bound | "
+                  "modelled ms | pass over |",
+                  "| --- | ---: | ---: | ---: | ---: | ---: | --- | ---: | --- |"]
         for k in r["kernels"]:
             lines.append(f"| {k['kernel']} | {k['MB']:.1f} | {k['tensor_GFLOP']:.2f} | "
                          f"{k['simt_Ginstr']:.3f} | {k['exp2_G']:.3f} | {k['atomics_M']:.2f} | "
-                         f"{k['bound']} | {k['ms']:.4f} |")
+                         f"{k['bound']} | {k['ms']:.4f} | {k['passes']} |")
         lines.append("")
     return lines
 
