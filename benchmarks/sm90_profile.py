@@ -153,6 +153,7 @@ def main(argv=None) -> int:
         "label": report.LABEL,
         "command": cmd.strip(),
         "toolchain": toolchain(),
+        "triton_version": __import__("triton").__version__,
         "limits": __import__("sm90.analysis", fromlist=["SM90"]).SM90,
         "cases": [{"name": c.name, "gate": c.gate, "doc": c.doc} for c in cases],
         "summary": report.summarise(rows),
