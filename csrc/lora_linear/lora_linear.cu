@@ -262,7 +262,7 @@ void launch_skinny(const SkinnyArgs& a, const char* op) {
           a.C, a.c_sm, a.c_sn, a.S2, a.s2_sm, a.s2_sn, a.DB, a.db_sk, a.db_sn, a.M, a.N, a.K,
           k_per_split, a.alpha, a.beta, a.seed, a.threshold, a.mask_sm, a.mask_sk, a.use_mask,
           atomic_c);
-      LK_CHECK_LAUNCH();
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
     return;
   }
@@ -273,7 +273,7 @@ void launch_skinny(const SkinnyArgs& a, const char* op) {
           a.r_sk, a.C, a.c_sm, a.c_sn, a.S2, a.s2_sm, a.s2_sn, a.DB, a.db_sk, a.db_sn, a.M, a.N,
           a.K, k_per_split, a.alpha, a.beta, a.seed, a.threshold, a.mask_sm, a.mask_sk,
           a.use_mask, atomic_c);
-      LK_CHECK_LAUNCH();
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
 }
@@ -291,16 +291,9 @@ void launch_expand(const at::Tensor& y, const at::Tensor& l, const void* r, at::
           static_cast<TY*>(y.data_ptr()), y.stride(0), y.stride(1), l.data_ptr<float>(),
           l.stride(0), l.stride(1), static_cast<const TR*>(r), r_sn, r_sj, M, N, J, alpha, seed,
           threshold, /*mask_sm=*/N, use_mask);
-      LK_CHECK_LAUNCH();
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   });
-}
-
-int sm_count() {
-  int device = 0, sms = 1;
-  C10_CUDA_CHECK(cudaGetDevice(&device));
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
-  return sms;
 }
 
 // How many slices to cut the reduction (K) into so that about `per_sm` blocks per SM run, with at
