@@ -4,9 +4,11 @@
 //
 //   g++ -std=c++17 -O2 -fno-strict-aliasing -shared -fPIC -DLK_CPU_EMULATION \
 //       -I csrc -I <cuda>/include csrc/emulator/driver.cpp -o lk_emu.so
+#include "../lora_linear/lora_ops.cuh"
 #include "../prefix_attention/attention_bwd.cuh"
 #include "../prefix_attention/attention_fwd.cuh"
 
+#include <memory>
 #include <vector>
 
 using namespace lora_kernels;
@@ -56,6 +58,30 @@ static int dispatch_attn(const EmuAttnArgs& a, F&& f) {
   return 0;
 }
 
+// Temporary buffers for lora_ops.cuh.
+struct Scratch {
+  std::vector<std::unique_ptr<float[]>> f;
+  std::vector<std::unique_ptr<uint32_t[]>> w;
+  float* floats(int64_t n) {
+    f.emplace_back(new float[n]);
+    return f.back().get();
+  }
+  uint32_t* words(int64_t n) {
+    w.emplace_back(new uint32_t[n]);
+    return w.back().get();
+  }
+};
+
+// dtype codes of the LoRA entry points: 0 = fp32, 1 = fp16, 2 = bf16.
+template <typename F>
+static int dispatch_float(int dtype, F&& f) {
+  if (dtype == 0) f(float());
+  else if (dtype == 1) f(__half());
+  else if (dtype == 2) f(__nv_bfloat16());
+  else return 1;
+  return 0;
+}
+
 extern "C" {
 
 // Scheduling options of the emulator (see emulator.h).
@@ -94,5 +120,55 @@ int lk_emu_attn_bwd(const EmuAttnArgs* a) {
     }
   });
 }
+
+// The four LoRA ops of lora_linear.cu on contiguous host arrays (adapters fp32 with their
+// original dtype's term count; x, dy row stride *_sm); a null dx / da / db is not computed.
+int lk_emu_lora_shrink(int x_dtype, const void* x, int64_t x_sm, const float* A, int a_terms,
+                       float* s, int64_t T, int64_t in, int r, double p, int64_t seed, int sms) {
+  Scratch scratch;
+  return dispatch_float(x_dtype, [&](auto t) {
+    using TX = decltype(t);
+    lora::shrink<TX>(static_cast<const TX*>(x), x_sm, x_sm % 4 == 0, A, a_terms, s, T, in, r, p,
+                     seed, sms, scratch, nullptr);
+  });
+}
+
+int lk_emu_lora_expand(int y_dtype, const float* s, const float* B, int b_terms, const void* bias,
+                       void* y, int64_t T, int64_t out, int r, float scaling) {
+  return dispatch_float(y_dtype, [&](auto t) {
+    using TY = decltype(t);
+    lora::expand<TY>(s, B, b_terms, static_cast<const TY*>(bias), static_cast<TY*>(y), T, out, r,
+                     scaling, nullptr);
+  });
+}
+
+int lk_emu_lora_grad_s_b(int dy_dtype, const void* dy, int64_t dy_sm, const float* s,
+                         const float* B, int b_terms, float* ds, float* db, int64_t T,
+                         int64_t out, int r, float scaling, int sms) {
+  Scratch scratch;
+  return dispatch_float(dy_dtype, [&](auto t) {
+    using TY = decltype(t);
+    lora::grad_s_b<TY>(static_cast<const TY*>(dy), dy_sm, dy_sm % 4 == 0, s, B, b_terms, ds, db,
+                       T, out, r, scaling, sms, scratch, nullptr);
+  });
+}
+
+int lk_emu_lora_grad_x_a(int x_dtype, const float* ds, const void* x, int64_t x_sm,
+                         const float* A, int a_terms, void* dx, float* da, int64_t T, int64_t in,
+                         int r, double p, int64_t seed, int sms) {
+  Scratch scratch;
+  return dispatch_float(x_dtype, [&](auto t) {
+    using TX = decltype(t);
+    lora::grad_x_a<TX>(ds, static_cast<const TX*>(x), x_sm, x_sm % 4 == 0, A, a_terms,
+                       static_cast<TX*>(dx), da, T, in, r, p, seed, sms, scratch, nullptr);
+  });
+}
+
+// Keep bits of elements (row, 4 c4 .. +3) (the Philox mask of device/philox.cuh).
+uint32_t lk_emu_keep_nibble(uint64_t seed, int64_t row, int64_t c4, uint32_t threshold) {
+  return keep_nibble(seed, row, c4, threshold);
+}
+
+uint32_t lk_emu_dropout_threshold(double p) { return dropout_threshold(p); }
 
 }  // extern "C"
