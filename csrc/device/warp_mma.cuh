@@ -8,8 +8,8 @@
 //
 // A register holds two 16-bit elements, the lower column (or k) index in the low half.
 // ldmatrix.x4 loads four 8x8 matrices of 16-bit elements: lanes 8i..8i+7 give the row addresses
-// of matrix i; lane l receives in register i the elements (l / 4, 2 (l % 4) .. +1) of matrix i,
-// or with .trans the elements (2 (l % 4) .. +1, l / 4).
+// (32-bit shared-memory addresses, smem_addr) of matrix i; lane l receives in register i the
+// elements (l / 4, 2 (l % 4) .. +1) of matrix i, or with .trans the elements (2 (l % 4) .. +1, l / 4).
 //
 // In the CPU emulator (LK_CPU_EMULATION) the same functions are defined by emulator.h.
 #pragma once
@@ -45,22 +45,23 @@ __device__ __forceinline__ void mma_16816<__half>(float (&d)[4], const uint32_t 
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
 }
 
+// The shared-memory (32-bit) address of a pointer into shared memory.
 __device__ __forceinline__ uint32_t smem_addr(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
 
 // Four 8x8 matrices; `row` is this lane's row address (16-byte aligned, shared memory).
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* row) {
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], uint32_t row) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_addr(row))
+               : "r"(row)
                : "memory");
 }
 
-__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const void* row) {
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t row) {
   asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
                : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_addr(row))
+               : "r"(row)
                : "memory");
 }
 

@@ -421,8 +421,17 @@ inline void mma_16816(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)
   ::lk_emu::mma<std::is_same<T, __nv_bfloat16>::value>(d, a, b);
 }
 
-inline void ldmatrix_x4(uint32_t (&r)[4], const void* row) { ::lk_emu::ldmatrix<false>(r, row); }
-inline void ldmatrix_x4_trans(uint32_t (&r)[4], const void* row) { ::lk_emu::ldmatrix<true>(r, row); }
+// Shared-memory addresses are offsets from the start of the block's dynamic shared memory.
+inline uint32_t smem_addr(const void* p) {
+  if (!::lk_emu::in_smem(p, 0)) ::lk_emu::fail("smem_addr of a pointer outside shared memory");
+  return static_cast<uint32_t>(static_cast<const unsigned char*>(p) - ::lk_emu::S().smem);
+}
+inline void ldmatrix_x4(uint32_t (&r)[4], uint32_t row) {
+  ::lk_emu::ldmatrix<false>(r, ::lk_emu::S().smem + row);
+}
+inline void ldmatrix_x4_trans(uint32_t (&r)[4], uint32_t row) {
+  ::lk_emu::ldmatrix<true>(r, ::lk_emu::S().smem + row);
+}
 inline void cp_async_16(void* dst, const void* src, int src_bytes) {
   ::lk_emu::cp_async(dst, src, src_bytes, 16);
 }

@@ -64,6 +64,7 @@ __global__ void __launch_bounds__(THREADS, 2) attn_bwd_dq_kernel(const Params p)
   const int hkv = h / (p.Hq / p.Hkv);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane / 4, t = lane % 4;
+  const LdsmOffsets<D> lo(lane);  // ldmatrix row offsets of this lane
   const int row_w = warp * 16;
   const int rows[2] = {m0 + row_w + g, m0 + row_w + g + 8};
   const int causal_off = p.Lk - p.Lq;
@@ -110,8 +111,8 @@ __global__ void __launch_bounds__(THREADS, 2) attn_bwd_dq_kernel(const Params p)
   uint32_t qf[KC][4], df[KC][4];
 #pragma unroll
   for (int kc = 0; kc < KC; ++kc) {
-    ldmatrix_x4(qf[kc], a_rows<D>(sQ, row_w, kc, lane));
-    ldmatrix_x4(df[kc], a_rows<D>(sdO, row_w, kc, lane));
+    ldmatrix_x4(qf[kc], ldsm_at<D>(smem_addr(sQ), lo.a, row_w, kc));
+    ldmatrix_x4(df[kc], ldsm_at<D>(smem_addr(sdO), lo.a, row_w, kc));
   }
   __syncthreads();  // O (in K's stage 1) is read by every warp before tile 1 overwrites it
 
@@ -134,15 +135,15 @@ __global__ void __launch_bounds__(THREADS, 2) attn_bwd_dq_kernel(const Params p)
         ? n0 + BN > p.P
         : (n0 + BN > p.Lk || p.kpm != nullptr || (p.causal && n0 + BN - 1 > m0 + causal_off));
 
-#pragma unroll
+#pragma unroll 1  // (unrolling it costs registers for no gain)
     for (int kk = 0; kk < BN / 16; ++kk) {  // 16 keys at a time
       float s2[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
       float dp2[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
 #pragma unroll
       for (int kc = 0; kc < KC; ++kc) {
         uint32_t kb[4], vb[4];
-        ldmatrix_x4(kb, b_rows<D>(Ks, kk * 16, kc, lane));
-        ldmatrix_x4(vb, b_rows<D>(Vs, kk * 16, kc, lane));
+        ldmatrix_x4(kb, ldsm_at<D>(smem_addr(Ks), lo.b, kk * 16, kc));
+        ldmatrix_x4(vb, ldsm_at<D>(smem_addr(Vs), lo.b, kk * 16, kc));
         const uint32_t k0[2] = {kb[0], kb[1]}, k1[2] = {kb[2], kb[3]};
         const uint32_t v0[2] = {vb[0], vb[1]}, v1[2] = {vb[2], vb[3]};
         mma_16816<T>(s2[0], qf[kc], k0);
@@ -173,7 +174,7 @@ __global__ void __launch_bounds__(THREADS, 2) attn_bwd_dq_kernel(const Params p)
 #pragma unroll
       for (int dp = 0; dp < D / 16; ++dp) {
         uint32_t kb[4];
-        ldmatrix_x4_trans(kb, a_rows<D>(Ks, kk * 16, dp, lane));
+        ldmatrix_x4_trans(kb, ldsm_at<D>(smem_addr(Ks), lo.a, kk * 16, dp));
         const uint32_t b0[2] = {kb[0], kb[1]}, b1[2] = {kb[2], kb[3]};
         mma_16816<T>(dq[2 * dp], dsa, b0);
         mma_16816<T>(dq[2 * dp + 1], dsa, b1);
@@ -267,6 +268,7 @@ __global__ void __launch_bounds__(THREADS, 2) attn_bwd_dkdv_kernel(const Params 
   if (w.shared_prefix && w.nb == 0) return;  // a batch chunk past the end (uniform per block)
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane / 4, t = lane % 4;
+  const LdsmOffsets<D> lo(lane);  // ldmatrix row offsets of this lane
   const int causal_off = p.Lk - p.Lq;
   const int n_iter = w.nb * w.group * w.nq;
 
@@ -316,17 +318,17 @@ __global__ void __launch_bounds__(THREADS, 2) attn_bwd_dkdv_kernel(const Params 
     const float* delta_s = reinterpret_cast<const float*>(stage + L::delta);
     const int mq0 = w.q_begin + (it % w.nq) * BMQ;
 
-#pragma unroll
+#pragma unroll 1  // (unrolled, the loop's address arithmetic costs registers: spills)
     for (int kk = 0; kk < BMQ / 16; ++kk) {  // 16 queries at a time
       float s2[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};   // S^T (keys x queries)
       float dp2[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};  // dP^T
 #pragma unroll
       for (int kc = 0; kc < KC; ++kc) {
         uint32_t ka[4], va[4], qb[4], ob[4];
-        ldmatrix_x4(ka, a_rows<D>(sK, warp * 16, kc, lane));
-        ldmatrix_x4(va, a_rows<D>(sV, warp * 16, kc, lane));
-        ldmatrix_x4(qb, b_rows<D>(Qs, kk * 16, kc, lane));
-        ldmatrix_x4(ob, b_rows<D>(dOs, kk * 16, kc, lane));
+        ldmatrix_x4(ka, ldsm_at<D>(smem_addr(sK), lo.a, warp * 16, kc));
+        ldmatrix_x4(va, ldsm_at<D>(smem_addr(sV), lo.a, warp * 16, kc));
+        ldmatrix_x4(qb, ldsm_at<D>(smem_addr(Qs), lo.b, kk * 16, kc));
+        ldmatrix_x4(ob, ldsm_at<D>(smem_addr(dOs), lo.b, kk * 16, kc));
         const uint32_t q0[2] = {qb[0], qb[1]}, q1[2] = {qb[2], qb[3]};
         const uint32_t o0[2] = {ob[0], ob[1]}, o1[2] = {ob[2], ob[3]};
         mma_16816<T>(s2[0], ka, q0);
@@ -360,8 +362,8 @@ __global__ void __launch_bounds__(THREADS, 2) attn_bwd_dkdv_kernel(const Params 
 #pragma unroll
       for (int dp = 0; dp < D / 16; ++dp) {
         uint32_t ob[4], qb[4];
-        ldmatrix_x4_trans(ob, a_rows<D>(dOs, kk * 16, dp, lane));
-        ldmatrix_x4_trans(qb, a_rows<D>(Qs, kk * 16, dp, lane));
+        ldmatrix_x4_trans(ob, ldsm_at<D>(smem_addr(dOs), lo.a, kk * 16, dp));
+        ldmatrix_x4_trans(qb, ldsm_at<D>(smem_addr(Qs), lo.a, kk * 16, dp));
         const uint32_t o0[2] = {ob[0], ob[1]}, o1[2] = {ob[2], ob[3]};
         const uint32_t q0[2] = {qb[0], qb[1]}, q1[2] = {qb[2], qb[3]};
         mma_16816<T>(dv[2 * dp], pa, o0);

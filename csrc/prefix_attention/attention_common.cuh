@@ -102,21 +102,30 @@ __device__ __forceinline__ int seq_key_end(const Params& p, int m0, int rows) {
   return imax(0, imin(p.Lk, last + (p.Lk - p.Lq) + 1));
 }
 
-// ldmatrix.x4 row address of this lane for the 16x16 block of a swizzled tile at rows
-// [row0, row0 + 16) and columns [16 c, 16 c + 16):
-// * a_rows + ldmatrix_x4: the block as an A operand (registers a0..a3);
-// * a_rows + ldmatrix_x4_trans: the block as two B operands with the tile rows as k and the
+// ldmatrix.x4 addresses of this lane for the 16x16 block of a swizzled tile at rows
+// [row0, row0 + 16) (row0 a multiple of 8) and columns [16 c, 16 c + 16):
+// * a pattern + ldmatrix_x4: the block as an A operand (registers a0..a3);
+// * a pattern + ldmatrix_x4_trans: the block as two B operands with the tile rows as k and the
 //   columns as n: registers {0, 1} are (b0, b1) of columns 16 c .. +7, {2, 3} of 16 c + 8 .. +15;
-// * b_rows + ldmatrix_x4: the block as two B operands with the tile rows as n and the columns as
-//   k: registers {0, 1} are (b0, b1) of rows row0 .. +7, {2, 3} of rows row0 + 8 .. +15.
-template <int D, typename T>
-__device__ __forceinline__ const T* a_rows(const T* tile, int row0, int c, int lane) {
-  return tile + swz<D>(row0 + ((lane >> 3) & 1) * 8 + (lane & 7), 2 * c + (lane >> 4));
-}
+// * b pattern + ldmatrix_x4: the block as two B operands with the tile rows as n and the columns
+//   as k: registers {0, 1} are (b0, b1) of rows row0 .. +7, {2, 3} of rows row0 + 8 .. +15.
+// Lane l reads row r and 16-byte chunk 2c + h, stored at chunk (2c + h) ^ (r % 8) = 2c ^ (h ^ l % 8)
+// (r % 8 = l % 8): the byte offset is r 2D + ((h ^ l % 8) << 4) XOR (c << 5), the XOR touching
+// only bits below 2D. So each lane keeps one offset per pattern, and a block's address is
+// tile + row0 2D + (offset ^ (c << 5)) (the tile's shared-memory offset a multiple of 2D bytes).
+template <int D>
+struct LdsmOffsets {
+  uint32_t a, b;
+  __device__ __forceinline__ explicit LdsmOffsets(int lane) {
+    const uint32_t l7 = lane & 7, h_a = lane >> 4, h_b = (lane >> 3) & 1;
+    a = (h_b * 8 + l7) * (D * 2) + ((h_a ^ l7) << 4);
+    b = (h_a * 8 + l7) * (D * 2) + ((h_b ^ l7) << 4);
+  }
+};
 
-template <int D, typename T>
-__device__ __forceinline__ const T* b_rows(const T* tile, int row0, int c, int lane) {
-  return tile + swz<D>(row0 + (lane >> 4) * 8 + (lane & 7), 2 * c + ((lane >> 3) & 1));
+template <int D>
+__device__ __forceinline__ uint32_t ldsm_at(uint32_t tile, uint32_t offset, int row0, int c) {
+  return tile + row0 * (D * 2) + (offset ^ (static_cast<uint32_t>(c) << 5));
 }
 
 }  // namespace attn

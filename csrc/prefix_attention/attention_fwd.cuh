@@ -39,6 +39,7 @@ __global__ void __launch_bounds__(THREADS, 2) attn_fwd_kernel(const Params p) {
   const int hkv = h / (p.Hq / p.Hkv);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane / 4, t = lane % 4;
+  const LdsmOffsets<D> lo(lane);  // ldmatrix row offsets of this lane
   const int row_w = warp * 16;               // the warp's first row in the block
   const int rows[2] = {m0 + row_w + g, m0 + row_w + g + 8};  // this thread's query rows
   const int causal_off = p.Lk - p.Lq;
@@ -68,7 +69,7 @@ __global__ void __launch_bounds__(THREADS, 2) attn_fwd_kernel(const Params p) {
     const T* Vs = sV + st * BN * D;
     if (j == 0) {
 #pragma unroll
-      for (int kc = 0; kc < KC; ++kc) ldmatrix_x4(qf[kc], a_rows<D>(sQ, row_w, kc, lane));
+      for (int kc = 0; kc < KC; ++kc) ldmatrix_x4(qf[kc], ldsm_at<D>(smem_addr(sQ), lo.a, row_w, kc));
     }
 
     // S = Q K^T for the warp's 16 rows and the tile's 64 keys.
@@ -80,7 +81,7 @@ __global__ void __launch_bounds__(THREADS, 2) attn_fwd_kernel(const Params p) {
 #pragma unroll
       for (int np = 0; np < NT / 2; ++np) {
         uint32_t kb[4];
-        ldmatrix_x4(kb, b_rows<D>(Ks, np * 16, kc, lane));
+        ldmatrix_x4(kb, ldsm_at<D>(smem_addr(Ks), lo.b, np * 16, kc));
         const uint32_t b0[2] = {kb[0], kb[1]}, b1[2] = {kb[2], kb[3]};
         mma_16816<T>(s[2 * np], qf[kc], b0);
         mma_16816<T>(s[2 * np + 1], qf[kc], b1);
@@ -150,7 +151,7 @@ __global__ void __launch_bounds__(THREADS, 2) attn_fwd_kernel(const Params p) {
 #pragma unroll
       for (int dp = 0; dp < D / 16; ++dp) {
         uint32_t vb[4];
-        ldmatrix_x4_trans(vb, a_rows<D>(Vs, kk * 16, dp, lane));
+        ldmatrix_x4_trans(vb, ldsm_at<D>(smem_addr(Vs), lo.a, kk * 16, dp));
         const uint32_t b0[2] = {vb[0], vb[1]}, b1[2] = {vb[2], vb[3]};
         mma_16816<T>(o[2 * dp], pa, b0);
         mma_16816<T>(o[2 * dp + 1], pa, b1);
