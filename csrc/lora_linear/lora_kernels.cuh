@@ -517,9 +517,10 @@ struct SplitPlan {
   int64_t per_split;
 };
 
-inline SplitPlan plan_splits(int64_t extent, int64_t tile, int64_t blocks, int64_t min_tiles, int sms) {
+inline SplitPlan plan_splits(int64_t extent, int64_t tile, int64_t blocks, int64_t min_tiles,
+                             int blocks_per_sm, int sms) {
   const int64_t tiles = ceil_div64(extent > 0 ? extent : 1, tile);
-  int64_t s = ceil_div64(2 * sms, blocks > 0 ? blocks : 1);  // about 2 blocks per SM
+  int64_t s = ceil_div64(static_cast<int64_t>(blocks_per_sm) * sms, blocks > 0 ? blocks : 1);
   const int64_t most = ceil_div64(tiles, min_tiles);
   s = s < most ? s : most;
   s = s < 1 ? 1 : s;
@@ -527,16 +528,17 @@ inline SplitPlan plan_splits(int64_t extent, int64_t tile, int64_t blocks, int64
   return SplitPlan{static_cast<int>(ceil_div64(tiles * tile, per)), per};
 }
 
-// Shrink: `in` cut so that about 2 blocks per SM run, at least 4 column tiles per split.
+// Shrink (4 warps, loads in flight per block: 8 KiB): `in` cut so that about 4 blocks per SM
+// run, at least 4 column tiles per split.
 inline SplitPlan shrink_plan(int64_t T, int64_t in, int r, int sms) {
   const int64_t blocks = ceil_div64(T, SH_BM) * ceil_div64(r, 16 * rank_groups(r));
-  return plan_splits(in, SH_BK, blocks, 4, sms);
+  return plan_splits(in, SH_BK, blocks, 4, 4, sms);
 }
 
-// Sweep: T cut so that about 2 blocks per SM run.
+// Sweep (8 warps, 16 KiB in flight per block): T cut so that about 2 blocks per SM run.
 inline SplitPlan sweep_plan(int64_t T, int64_t C, int r, int sms) {
   const int64_t blocks = ceil_div64(C, SW_BC) * ceil_div64(r, 16 * rank_groups(r));
-  return plan_splits(T, SW_BM, blocks, 1, sms);
+  return plan_splits(T, SW_BM, blocks, 1, 2, sms);
 }
 
 inline int sweep_col_blocks(int64_t C) { return ceil_div(C, SW_BC); }
