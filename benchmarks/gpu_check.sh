@@ -74,7 +74,7 @@ step() {  # step NAME TIMEOUT_S CMD...: run, log to $OUT/NAME.log, record status
 step install 240 "$PY" -m pip install -v --no-index --no-build-isolation --no-deps -e .
 step info 60 "$PY" -m lora_kernels.cli info
 # The cuda tests skip when the extension does not load: make that a failure here.
-step extension 60 "$PY" -c "from lora_kernels import _cuda; r = _cuda.unavailable_reason(); print('CUDA extension:', r or 'ready'); raise SystemExit(r is not None)"
+step extension 60 "$PY" -c "from lora_kernels.cuda import extension; r = extension.unavailable_reason(); print('CUDA extension:', r or 'ready'); raise SystemExit(r is not None)"
 step pytest_gpu 300 "$PY" -m pytest -m gpu -q -p no:cacheprovider \
   --junitxml="$OUT/pytest_gpu.xml" -o junit_family=xunit2
 step bench_lora 90 "${BENCH_LORA[@]}"

@@ -144,9 +144,9 @@ def interpreter_enabled() -> bool:
 
 def cuda_available_reasons(device: torch.device | None = None) -> list[str]:
     """Why the compiled CUDA extension cannot run on ``device`` (empty: it can)."""
-    from . import _cuda
+    from .cuda import extension
 
-    reason = _cuda.unavailable_reason()
+    reason = extension.unavailable_reason()
     if reason:
         return [reason]
     if device is not None and device.type != "cuda":

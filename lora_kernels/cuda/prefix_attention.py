@@ -1,10 +1,12 @@
 """``cuda`` backend of ``prefix_attention``: FlashAttention-2-style kernels from
-``csrc/prefix_attention`` (fp16/bf16, head dims 64 and 128).
+``csrc/prefix_attention`` (fp16/bf16, head dims 64 and 128; ``mma.sync`` tensor cores with every
+accumulator in registers, ``cp.async`` double-buffered tiles).
 
 Every query sees all ``P`` prefix keys (read from the prefix's own buffer, shared by the batch or
 per row) and the sequence keys allowed by bottom-right causality and the key padding mask;
-grouped-query heads read their kv head without copies. Backward is deterministic: the prefix
-gradient is reduced over the batch inside the kernel, without atomics.
+grouped-query heads read their kv head without copies. Backward (a dQ kernel, then a dK/dV kernel
+that also covers the prefix keys) is deterministic: the prefix gradient is reduced over the batch
+in a fixed order, without atomics.
 
 Equivalent PyTorch (see lora_kernels.reference)::
 
