@@ -336,8 +336,12 @@ class _NoZeroFills:
 
 
 def test_buffers_the_kernels_overwrite_are_not_zero_filled(monkeypatch, launches):
-    from lora_kernels.triton import (attention_common, attention_decode, attention_dq,
-                                     prefix_attention)
+    from lora_kernels.triton import (
+        attention_common,
+        attention_decode,
+        attention_dq,
+        prefix_attention,
+    )
 
     for module in (attention_common, attention_decode, attention_dq, prefix_attention):
         if hasattr(module, "torch"):

@@ -21,7 +21,6 @@ Launches: delta = rowsum(dO * O); then one dK/dV launch whose 1-D grid holds
 
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 

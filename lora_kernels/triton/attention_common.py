@@ -80,10 +80,11 @@ _INTERPRETER_TILES = {"fwd": {"BLOCK_M": 16, "BLOCK_N": 16}, "decode": {"BLOCK_N
                       "bwd_dq_recompute": {"BLOCK_M": 16, "BLOCK_N": 16}}
 
 
-def configs_for(kernel: str, block_d: int | None = None) -> list[triton.Config]:
+def configs_for(kernel: str, block_d: int | None = None, interpreter: bool = INTERPRETER
+                ) -> list[triton.Config]:
     """The autotune configs of ``kernel`` (one of KERNELS) that may serve head-dim tile
     ``block_d`` (all of them for None). In Triton's interpreter one small config."""
-    if INTERPRETER:
+    if interpreter:
         return [triton.Config(dict(_INTERPRETER_TILES[kernel]), num_warps=1, num_stages=1)]
     return [triton.Config(dict(tiles), num_warps=w, num_stages=s)
             for tiles, w, s, dims in _TABLE[kernel] if block_d is None or block_d in dims]
