@@ -65,13 +65,15 @@ def _row_stats(lse_ptr, delta_ptr, offs_m, m_ok, MASK_ROWS: tl.constexpr):
 @triton.jit
 def _key_tile_steps(k, v, dk, dv, offs_n, n_ok, keep_n, q_ptr, do_ptr, lse_ptr, delta_ptr,
                     ds_ptr, first, n_tiles, G, Lq, diag, sqh, sqm, sqd, sdoh, sdom, sdod,
-                    ds_rows, offs_d, d_ok, qk_scale, MASK_ROWS: tl.constexpr,
-                    CAUSAL_MASK: tl.constexpr, HAS_PAD: tl.constexpr, STORE_DS: tl.constexpr,
-                    MASK_D: tl.constexpr, DOT_FP32: tl.constexpr, BLOCK_M: tl.constexpr):
+                    ds_rows, offs_d, d_ok, offs_dh, dh_ok, ds_now, qk_scale,
+                    MASK_ROWS: tl.constexpr, CAUSAL_MASK: tl.constexpr, HAS_PAD: tl.constexpr,
+                    STORE_DS: tl.constexpr, MASK_D: tl.constexpr, SPLIT_D: tl.constexpr,
+                    DOT_FP32: tl.constexpr, BLOCK_M: tl.constexpr):
     """dK, dV of one key tile (k, v: (N, BLOCK_D)) from the query tiles first + j * BLOCK_M,
     j < n_tiles, of each of the G query heads of its group: one flat loop over (head, tile),
     pointers at the group's first head. Computed transposed (S^T, P^T, dS^T are (N, M));
-    stores dS (M, N) when STORE_DS."""
+    stores dS (M, N) when STORE_DS and ds_now. With SPLIT_D, dK and dV cover only the head
+    dims offs_dh (S and dP still use all of them)."""
     offs_mb = tl.arange(0, BLOCK_M)
     for t in range(0, G * n_tiles):
         g = t // n_tiles
@@ -81,19 +83,28 @@ def _key_tile_steps(k, v, dk, dv, offs_n, n_ok, keep_n, q_ptr, do_ptr, lse_ptr, 
                       m_ok, d_ok, MASK_ROWS, MASK_D)
         do = load_tile(do_ptr + g * sdoh + offs_m[:, None] * sdom + offs_d[None, :] * sdod,
                        m_ok, d_ok, MASK_ROWS, MASK_D)
+        if SPLIT_D:
+            q_h = load_tile(q_ptr + g * sqh + offs_m[:, None] * sqm + offs_dh[None, :] * sqd,
+                            m_ok, dh_ok, MASK_ROWS, MASK_D)
+            do_h = load_tile(do_ptr + g * sdoh + offs_m[:, None] * sdom
+                             + offs_dh[None, :] * sdod, m_ok, dh_ok, MASK_ROWS, MASK_D)
+        else:
+            q_h = q
+            do_h = do
         lse2, delta = _row_stats(lse_ptr + g * Lq, delta_ptr + g * Lq, offs_m, m_ok, MASK_ROWS)
         p = tl.exp2(dot(k, tl.trans(q), DOT_FP32) * qk_scale - lse2[None, :])
         if CAUSAL_MASK:
             p = tl.where(offs_n[:, None] <= offs_m[None, :] + diag, p, 0.0)
         if HAS_PAD:
             p = tl.where(keep_n[:, None], p, 0.0)
-        dv += dot(p.to(do.dtype), do, DOT_FP32)
+        dv += dot(p.to(do.dtype), do_h, DOT_FP32)
         ds = p * (dot(v, tl.trans(do), DOT_FP32) - delta[None, :])
-        dk += dot(ds.to(q.dtype), q, DOT_FP32)
+        dk += dot(ds.to(q.dtype), q_h, DOT_FP32)
         if STORE_DS:
             ds_head = ds_ptr + g.to(tl.int64) * Lq * ds_rows
             tl.store(ds_head + offs_m[None, :] * ds_rows + offs_n[:, None],
-                     ds.to(ds_ptr.dtype.element_ty), mask=n_ok[:, None] & m_ok[None, :])
+                     ds.to(ds_ptr.dtype.element_ty),
+                     mask=n_ok[:, None] & m_ok[None, :] & ds_now)
     return dk, dv
 
 
@@ -142,9 +153,11 @@ def _bwd_kv_kernel(
     CAUSAL: tl.constexpr, HAS_PAD: tl.constexpr, STORE_DS: tl.constexpr,
     DOT_FP32: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_MP: tl.constexpr,
-    PREFIX_STAGES: tl.constexpr, BLOCK_D: tl.constexpr,
+    PREFIX_STAGES: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DH: tl.constexpr,
 ):
     MASK_D: tl.constexpr = BLOCK_D != HEAD_DIM
+    SPLIT_D: tl.constexpr = BLOCK_DH != BLOCK_D  # dK, dV by head-dim halves (D > 128)
+    D_PARTS: tl.constexpr = BLOCK_D // BLOCK_DH
     pid = tl.program_id(0)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
@@ -162,7 +175,7 @@ def _bwd_kv_kernel(
                        + offs_d[None, :] * spkd, p_ok, d_ok, True, MASK_D)
         pv = load_tile(PV + b * spvb + hk * spvh + offs_p[:, None] * spvn
                        + offs_d[None, :] * spvd, p_ok, d_ok, True, MASK_D)
-        dkt = tl.zeros([BLOCK_D, BLOCK_P], tl.float32)
+        dkt = tl.zeros([BLOCK_D, BLOCK_P], tl.float32)  # transposed: small, never split
         dvt = tl.zeros([BLOCK_D, BLOCK_P], tl.float32)
         h0 = hk * G  # the group's first query head
         row = (b * Hq + h0) * Lq
@@ -185,8 +198,13 @@ def _bwd_kv_kernel(
         tl.store(DPV + b * sdpvb + hk * sdpvh + offs_p[None, :] * sdpvn + offs_d[:, None] * sdpvd,
                  dvt.to(DPV.dtype.element_ty), mask=mask_t)
     else:
-        # ---- a sequence key tile of one batch row and kv head
+        # ---- a sequence key tile of one batch row and kv head (a part of the head dim)
         pid_s = pid - n_pre
+        part = pid_s % D_PARTS
+        pid_s = pid_s // D_PARTS
+        offs_dh = part * BLOCK_DH + tl.arange(0, BLOCK_DH)
+        dh_ok = offs_dh < HEAD_DIM
+        ds_now = part == 0  # one part stores dS
         n_n = tl.cdiv(Lk, BLOCK_N)
         nb = pid_s % n_n
         bk = pid_s // n_n
@@ -201,8 +219,8 @@ def _bwd_kv_kernel(
         keep_n = n_ok
         if HAS_PAD:
             keep_n = tl.load(KPM + b * smb + offs_n * smn, mask=n_ok, other=0) != 0
-        dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
-        dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+        dk = tl.zeros([BLOCK_N, BLOCK_DH], tl.float32)
+        dv = tl.zeros([BLOCK_N, BLOCK_DH], tl.float32)
         diag = Lk - Lq  # query i sees key j iff j <= i + diag
         row_full = Lq // BLOCK_M * BLOCK_M
         if CAUSAL:  # first query tile that sees the key tile; first that sees all of it
@@ -222,19 +240,20 @@ def _bwd_kv_kernel(
         dk, dv = _key_tile_steps(
             k, v, dk, dv, offs_n, n_ok, keep_n, q_ptr, do_ptr, LSE + row, DELTA + row, ds_ptr,
             lo, (mid - lo) // BLOCK_M, G, Lq, diag, sqh, sqm, sqd, sdoh, sdom, sdod, ds_rows,
-            offs_d, d_ok, qk_scale, False, CAUSAL, HAS_PAD, STORE_DS, MASK_D, DOT_FP32, BLOCK_M)
+            offs_d, d_ok, offs_dh, dh_ok, ds_now, qk_scale, False, CAUSAL, HAS_PAD, STORE_DS,
+            MASK_D, SPLIT_D, DOT_FP32, BLOCK_M)
         dk, dv = _key_tile_steps(
             k, v, dk, dv, offs_n, n_ok, keep_n, q_ptr, do_ptr, LSE + row, DELTA + row, ds_ptr,
             mid, (row_full - mid) // BLOCK_M, G, Lq, diag, sqh, sqm, sqd, sdoh, sdom, sdod,
-            ds_rows, offs_d, d_ok, qk_scale, False, False, HAS_PAD, STORE_DS, MASK_D, DOT_FP32,
-            BLOCK_M)
+            ds_rows, offs_d, d_ok, offs_dh, dh_ok, ds_now, qk_scale, False, False, HAS_PAD,
+            STORE_DS, MASK_D, SPLIT_D, DOT_FP32, BLOCK_M)
         dk, dv = _key_tile_steps(
             k, v, dk, dv, offs_n, n_ok, keep_n, q_ptr, do_ptr, LSE + row, DELTA + row, ds_ptr,
             tail, tl.cdiv(Lq - tail, BLOCK_M), G, Lq, diag, sqh, sqm, sqd, sdoh, sdom, sdod,
-            ds_rows, offs_d, d_ok, qk_scale, True, CAUSAL, HAS_PAD, STORE_DS, MASK_D, DOT_FP32,
-            BLOCK_M)
-        mask = n_ok[:, None] & d_ok[None, :]
-        tl.store(DK + b * sdkb + hk * sdkh + offs_n[:, None] * sdkn + offs_d[None, :] * sdkd,
+            ds_rows, offs_d, d_ok, offs_dh, dh_ok, ds_now, qk_scale, True, CAUSAL, HAS_PAD,
+            STORE_DS, MASK_D, SPLIT_D, DOT_FP32, BLOCK_M)
+        mask = n_ok[:, None] & dh_ok[None, :]
+        tl.store(DK + b * sdkb + hk * sdkh + offs_n[:, None] * sdkn + offs_dh[None, :] * sdkd,
                  (dk * scale).to(DK.dtype.element_ty), mask=mask)
-        tl.store(DV + b * sdvb + hk * sdvh + offs_n[:, None] * sdvn + offs_d[None, :] * sdvd,
+        tl.store(DV + b * sdvb + hk * sdvh + offs_n[:, None] * sdvn + offs_dh[None, :] * sdvd,
                  dv.to(DV.dtype.element_ty), mask=mask)

@@ -37,23 +37,24 @@ _TABLE: dict[str, list[tuple[dict, int, int, tuple[int, ...]]]] = {
         ({"BLOCK_M": 128, "BLOCK_N": 64}, 8, 3, _UP_TO_128),
         ({"BLOCK_M": 128, "BLOCK_N": 128}, 8, 3, _SMALL_D),
         ({"BLOCK_M": 64, "BLOCK_N": 64}, 4, 3, _UP_TO_128),
-        ({"BLOCK_M": 64, "BLOCK_N": 64}, 4, 2, (256,)),
+        ({"BLOCK_M": 64, "BLOCK_N": 64}, 8, 2, (256,)),
         ({"BLOCK_M": 128, "BLOCK_N": 32}, 8, 2, (256,)),
     ],
     # forward, Lq <= 16 (queries of a kv head packed in BLOCK_R rows): key tile BLOCK_N
     "decode": [
         ({"BLOCK_N": 64}, 4, 3, _UP_TO_128 + (256,)),
-        ({"BLOCK_N": 128}, 4, 3, _UP_TO_128),
-        ({"BLOCK_N": 128}, 8, 3, _UP_TO_128 + (256,)),
+        ({"BLOCK_N": 128}, 8, 3, _UP_TO_128),
     ],
     # backward dK/dV (+ the prefix gradient, + dS): key tile BLOCK_N x query tile BLOCK_M;
     # the prefix programs' query tile BLOCK_MP = 16 x num_warps (a chained wgmma puts every
-    # warp on the M side: a smaller M would be computed twice) with PREFIX_STAGES stages
+    # warp on the M side: a smaller M would be computed twice) with PREFIX_STAGES stages.
+    # D = 256: no config is free of spills (see benchmarks/README.md); the one below spills
+    # least within shared memory.
     "bwd_kv": [
         ({"BLOCK_M": 32, "BLOCK_N": 128, "BLOCK_MP": 128, "PREFIX_STAGES": 2}, 8, 3, _UP_TO_128),
         ({"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_MP": 128, "PREFIX_STAGES": 2}, 8, 3, _UP_TO_128),
         ({"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_MP": 64, "PREFIX_STAGES": 2}, 4, 3, _UP_TO_128),
-        ({"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_MP": 64, "PREFIX_STAGES": 2}, 4, 2, (256,)),
+        ({"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_MP": 128, "PREFIX_STAGES": 1}, 8, 2, (256,)),
     ],
     # backward dQ = dS @ K from the stored dS: query tile BLOCK_M x key tile BLOCK_N
     "bwd_dq": [
@@ -64,11 +65,15 @@ _TABLE: dict[str, list[tuple[dict, int, int, tuple[int, ...]]]] = {
     # backward dQ recomputing S and dP (when the dS workspace would be too large)
     "bwd_dq_recompute": [
         ({"BLOCK_M": 128, "BLOCK_N": 64}, 8, 3, _UP_TO_128),
-        ({"BLOCK_M": 64, "BLOCK_N": 64}, 4, 3, _UP_TO_128),
-        ({"BLOCK_M": 64, "BLOCK_N": 32}, 4, 2, (256,)),
+        ({"BLOCK_M": 64, "BLOCK_N": 32}, 4, 3, _UP_TO_128),
+        ({"BLOCK_M": 128, "BLOCK_N": 16}, 8, 2, (256,)),
     ],
 }
 KERNELS = tuple(_TABLE)
+# widest head-dim slice of the dK/dV accumulators of one backward program: with D = 256 each
+# program takes half of the head dim (S and dP still over all of it), or the accumulators
+# alone would fill the registers
+MAX_GRAD_TILE_D = 128
 BLOCK_DS = (16, 32, 64, 128, 256)
 # queries per row block of the chunked dS workspace and of the key splits: a multiple of every
 # BLOCK_M / BLOCK_N above

@@ -119,7 +119,9 @@ def backward(dout, q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse, caus
             HEAD_DIM=D, BLOCK_M=DELTA_ROWS, BLOCK_D=block_d,
         )
         n_prefix = triton.cdiv(P, prefix.block) * B * Hkv
-        grid = lambda meta: (n_prefix + triton.cdiv(Lk, meta["BLOCK_N"]) * B * Hkv,)
+        block_dh = min(block_d, common.MAX_GRAD_TILE_D)  # dK, dV by parts of the head dim
+        parts = block_d // block_dh
+        grid = lambda meta: (n_prefix + triton.cdiv(Lk, meta["BLOCK_N"]) * B * Hkv * parts,)
         common.launch(
             _bwd_kv_kernel, grid,
             q, k, v, prefix.k, prefix.v, dout, lse, delta, padding.mask, dk, dv, dpk_x, dpv_x,
@@ -128,7 +130,7 @@ def backward(dout, q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse, caus
             *dout.stride(), *padding.strides, *dk.stride(), *dv.stride(),
             *dpk_x.stride(), *dpv_x.stride(), *keys,
             CAUSAL=bool(causal), HAS_PAD=padding.present, STORE_DS=store_ds,
-            BLOCK_P=prefix.block, **flags,
+            BLOCK_P=prefix.block, BLOCK_DH=block_dh, **flags,
         )
         if store_ds:
             common.launch(
