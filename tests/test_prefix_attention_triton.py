@@ -366,3 +366,17 @@ def test_dq_path_follows_the_workspace_budget(monkeypatch, launches):
     _forward_backward(*inputs)
     names = {_name(k) for k, *_ in launches}
     assert "_dq_recompute_kernel" in names and "_dq_kernel" not in names
+
+
+def test_fp32_takes_the_small_tiles():
+    """fp32's IEEE dots hold twice the bytes per tile: the 4-warp rows, or one stage less."""
+    from lora_kernels.triton import attention_common as common
+
+    for kernel in common.KERNELS:
+        for block_d in common.BLOCK_DS:
+            rows = common.configs_for(kernel, block_d, interpreter=False)
+            if not rows:
+                continue
+            small = common._fp32_configs(rows)
+            assert small and (all(c.num_warps == 4 for c in small)
+                              or all(c.num_stages < r.num_stages for c, r in zip(small, rows)))

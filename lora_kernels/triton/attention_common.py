@@ -108,6 +108,8 @@ def autotune(kernel: str, key: list[str]):
         block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
         allowed = {_signature(c) for c in configs_for(kernel, block_d)}
         keep = [c for c in configs if _signature(c) in allowed] or configs[:1]
+        if kwargs.get("DOT_FP32", named_args.get("DOT_FP32")) and not INTERPRETER:
+            keep = _fp32_configs(keep)
         if os.environ.get("LORA_KERNELS_AUTOTUNE", "1").strip() == "0":
             keep = keep[:1]
         return keep
@@ -121,6 +123,15 @@ def autotune(kernel: str, key: list[str]):
         return tuner
 
     return decorate
+
+
+def _fp32_configs(configs: list[triton.Config]) -> list[triton.Config]:
+    """fp32 inputs (IEEE fp32 dots on FMA units, outside the wgmma gate): twice the bytes per
+    tile, so the 4-warp rows (the smaller tiles), or else every row with one stage less; the
+    table was profiled for 16-bit inputs."""
+    small = [c for c in configs if c.num_warps == 4]
+    return small or [triton.Config(dict(c.kwargs), num_warps=c.num_warps,
+                                   num_stages=max(1, c.num_stages - 1)) for c in configs]
 
 
 def max_tile(kernel: str, name: str) -> int:
