@@ -76,9 +76,6 @@ KERNELS = tuple(_TABLE)
 # alone would fill the registers
 MAX_GRAD_TILE_D = 128
 BLOCK_DS = (16, 32, 64, 128, 256)
-# queries per row block of the chunked dS workspace and of the key splits: a multiple of every
-# BLOCK_M / BLOCK_N above
-ALIGN = 128
 _INTERPRETER_TILES = {"fwd": {"BLOCK_M": 16, "BLOCK_N": 16}, "decode": {"BLOCK_N": 16},
                       "bwd_kv": {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_MP": 16,
                                  "PREFIX_STAGES": 1},
@@ -119,7 +116,7 @@ def autotune(kernel: str, key: list[str]):
 
     def decorate(fn):
         tuner = tune(fn)
-        tuner.config_table = kernel  # the row of the table above (the static profile reads it)
+        tuner.config_table = kernel  # its entry in the table above (the static profile reads it)
         return tuner
 
     return decorate
