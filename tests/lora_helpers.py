@@ -43,20 +43,29 @@ def make_inputs(T, in_f, out_f, r, dtype, *, adapter_dtype=None, bias=True, tran
 def mask_of(backend: str, T: int, in_f: int, p: float, seed: int, device="cpu") -> torch.Tensor:
     """The keep-mask (T, in) a backend draws for (seed, shape): read back through ``s`` with
     ``x = 1`` and ``A`` = 256-row blocks of the identity (the mask depends on the seed and the
-    element index only, not on A)."""
+    element index only, not on A). For the triton backend, also checks that the bits it stores
+    in ``s`` for the backward are the mask it applied."""
     if p == 0:
         return torch.ones(T, in_f, dtype=torch.bool, device=device)
     mod = backend_module(backend)
     x = torch.ones(T, in_f, device=device)
     eye = torch.eye(in_f, device=device)
-    blocks = []
+    blocks, stored = [], []
     for c0 in range(0, in_f, 256):
         a = eye[c0 : c0 + 256]
         _, s = mod.forward(x, torch.zeros(1, in_f, device=device), None, a,
                            torch.zeros(1, a.shape[0], device=device), 1.0, p, seed)
-        assert torch.all((s == 0) | ((s - 1 / (1 - p)).abs() < 1e-5)), "s is not a scaled 0/1 mask"
-        blocks.append(s != 0)
-    return torch.cat(blocks, dim=1)
+        s_r = s[:, : a.shape[0]]
+        assert torch.all((s_r == 0) | ((s_r - 1 / (1 - p)).abs() < 1e-5)), "s is not a scaled 0/1 mask"
+        blocks.append(s_r != 0)
+        if backend == "triton":
+            from lora_kernels.triton.lora_dropout import unpack_keep
+
+            stored.append(unpack_keep(s, a.shape[0], in_f))
+    keep = torch.cat(blocks, dim=1)
+    for bits in stored:
+        assert torch.equal(bits, keep), "the stored mask bits differ from the mask applied"
+    return keep
 
 
 def formula(x, weight, bias, lora_A, lora_B, scaling, keep=None, p=0.0):
