@@ -6,11 +6,10 @@ reduction that spans programs writes fp32 partials that the launcher sums in a f
             columns) goes to ``ds_part[j]``, its dB rows (over i's rows) to ``db_part[i]``.
             Block rows and column groups are the launcher's (not autotuned), so the partial
             buffers and the summation order depend on the shape only.
-``_dx``     dX = mask * (dS A) / (1 - p) (+ dY W with ``HAS_BASE``): the masked LoRA term seeds
-            the fp32 accumulator of the base GEMM; without ``HAS_BASE`` cuBLAS adds dY W.
 ``_da``     dA = dS^T dropout(x) / (1 - p): one pass over x, rows split into ``n_split``
             chunks whose (r, in) partials the launcher sums.
-Both dX and dA read the keep bits the forward stored; neither runs Philox.
+dX = dY W + keep * (dS A) / (1 - p) is :mod:`.lora_gemm`. It and dA read the keep bits the
+forward stored; neither runs Philox.
 """
 
 from __future__ import annotations
@@ -19,7 +18,7 @@ import triton
 import triton.language as tl
 
 from ._common import INTERPRETER
-from .lora_dots import base_dot, grouped_pid, round_to, split_dot
+from .lora_dots import split_dot
 from .lora_dropout import load_keep
 
 # Rows per dS/dB program and per dA row chunk are multiples of this (the largest BLOCK_M).
@@ -27,21 +26,14 @@ ROW_QUANTUM = 256
 
 
 def configs(kernel: str) -> list[triton.Config]:
-    """Autotune configurations of ``_ds_db`` / ``_dx`` / ``_da`` (one small one in the
+    """Autotune configurations of ``_ds_db`` / ``_da`` (one small one in the
     interpreter). Every one compiles for sm_90 without spills, with wgmma in every dot."""
     if INTERPRETER:
-        one = {"ds_db": {"BLOCK_N": 32},
-               "dx": {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4},
-               "da": {"BLOCK_M": 32, "BLOCK_N": 32}}[kernel]
+        one = {"ds_db": {"BLOCK_N": 32}, "da": {"BLOCK_M": 32, "BLOCK_N": 32}}[kernel]
         return [triton.Config(one, num_warps=4, num_stages=1)]
     if kernel == "ds_db":
         return [triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=st)
                 for bn, w, st in [(64, 8, 3), (128, 8, 3), (64, 4, 4)]]
-    if kernel == "dx":
-        return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
-                              num_warps=w, num_stages=st)
-                for bm, bn, bk, w, st in [(128, 256, 64, 8, 3), (128, 128, 64, 8, 4),
-                                          (128, 128, 64, 4, 4), (64, 128, 64, 4, 4)]]
     if kernel == "da":
         return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
                 for bm, bn, w, st in [(64, 128, 4, 3), (128, 128, 8, 3), (64, 64, 4, 4)]]
@@ -88,46 +80,6 @@ def _ds_db(
                      mask=(nn[:, None] < OUT) & (rr < R))
     if NEED_DS:
         tl.store(ds_ptr + (group.to(tl.int64) * T + rm) * R + rr, ds * scaling, mask=(rm < T) & (rr < R))
-
-
-@triton.autotune(configs=configs("dx"), key=["T_KEY", "IN", "OUT", "R", "HAS_BASE"])
-@triton.jit
-def _dx(
-    dy_ptr, w_ptr, ds_ptr, a_ptr, mask_ptr, dx_ptr,
-    inv_keep,
-    T, IN, OUT, R, T_KEY,
-    stride_dym, stride_dyn, stride_wn, stride_wk, stride_ar, stride_ak, stride_mm,
-    stride_dxm, stride_dxk,
-    HAS_DROPOUT: tl.constexpr, HAS_BASE: tl.constexpr, NS: tl.constexpr, NA: tl.constexpr,
-    ORDER: tl.constexpr, LT: tl.constexpr, BLOCK_R: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-):
-    """dX[tile] = keep * (dS A) / (1 - p) (+ dY W with HAS_BASE); dS is (T, R) contiguous."""
-    pid_m, pid_n = grouped_pid(T, IN, BLOCK_M, BLOCK_N, GROUP_M)
-    rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)[:, None]
-    rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)[None, :]  # columns of x
-    rr = tl.arange(0, BLOCK_R).to(tl.int64)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for r0 in range(0, R, BLOCK_R):
-        kr = r0 + rr
-        dst = tl.load(ds_ptr + rm * R + kr[None, :], mask=(rm < T) & (kr[None, :] < R), other=0.0)
-        at = tl.load(a_ptr + kr[:, None] * stride_ar + rn * stride_ak,
-                     mask=(kr[:, None] < R) & (rn < IN), other=0.0)
-        acc = split_dot(dst, at, acc, NS, NA, ORDER, LT)
-    if HAS_DROPOUT:
-        keep = load_keep(mask_ptr, stride_mm, rm, pid_n * (BLOCK_N // 8), T, IN, BLOCK_M, BLOCK_N)
-        acc = tl.where(keep, acc * inv_keep, 0.0)
-    if HAS_BASE:
-        rk = tl.arange(0, BLOCK_K).to(tl.int64)
-        for k0 in range(0, OUT, BLOCK_K):
-            kk = k0 + rk
-            dyt = tl.load(dy_ptr + rm * stride_dym + kk[None, :] * stride_dyn,
-                          mask=(rm < T) & (kk[None, :] < OUT), other=0.0)
-            wt = tl.load(w_ptr + kk[:, None] * stride_wn + rn * stride_wk,
-                         mask=(kk[:, None] < OUT) & (rn < IN), other=0.0)
-            acc = base_dot(dyt, wt, acc)
-    tl.store(dx_ptr + rm * stride_dxm + rn * stride_dxk, round_to(acc, dx_ptr.dtype.element_ty),
-             mask=(rm < T) & (rn < IN))
 
 
 @triton.autotune(configs=configs("da"), key=["T_KEY", "IN", "R", "HAS_DROPOUT"])

@@ -1,5 +1,4 @@
-"""Tile-level pieces shared by the LoRA kernels: tensor-core dots at fp32 accuracy, rounding,
-tile order.
+"""Tile-level pieces shared by the LoRA kernels: tensor-core dots at fp32 accuracy, rounding.
 
 Split-precision dots. PEFT keeps the adapters in fp32, and dA, dB (and S, dS, which feed them)
 must come out fp32-accurate; ``tl.dot`` on fp32 operands either runs on the CUDA cores
@@ -94,12 +93,6 @@ def pieces(a, N: tl.constexpr, LT: tl.constexpr):
 
 
 @triton.jit
-def mma(a, b, acc):
-    """acc + a @ b on the tensor cores, fp32 accumulation."""
-    return tl.dot(a, b, acc)
-
-
-@triton.jit
 def split_dot(a, b, acc, NA: tl.constexpr, NB: tl.constexpr, ORDER: tl.constexpr,
               LT: tl.constexpr):
     """acc + a @ b from the piece products of order < ORDER (see the module docstring),
@@ -129,18 +122,3 @@ def base_dot(a, b, acc):
     if _INTERP:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
     return tl.dot(a, b, acc)
-
-
-@triton.jit
-def grouped_pid(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    """Program id -> (row block, column block), GROUP_M row blocks side by side for L2 reuse."""
-    pid = tl.program_id(0)
-    grid_m = tl.cdiv(M, BLOCK_M)
-    grid_n = tl.cdiv(N, BLOCK_N)
-    width = GROUP_M * grid_n
-    group = pid // width
-    first_m = group * GROUP_M
-    size_m = tl.minimum(grid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % size_m
-    pid_n = (pid % width) // size_m
-    return pid_m, pid_n

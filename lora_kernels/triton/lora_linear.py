@@ -33,12 +33,12 @@ import torch
 import triton
 
 from ._common import INTERPRETER, device_guard, num_sms, pow2_bucket
-from .lora_backward import ROW_QUANTUM, _da, _ds_db, _dx
-from .lora_backward import configs as _backward_configs
+from . import lora_backward, lora_forward, lora_gemm
+from .lora_backward import ROW_QUANTUM, _da, _ds_db
 from .lora_dots import dot_plan
 from .lora_dropout import mask_columns, saved_s_columns, seed_words, threshold
-from .lora_forward import _fwd_gemm, _shrink
-from .lora_forward import configs as _forward_configs
+from .lora_forward import _shrink
+from .lora_gemm import descriptor, dx_gemm, fwd_gemm, tma_ok
 
 __all__ = ["forward", "backward", "not_supported_reasons", "saved_s_columns", "KERNELS"]
 
@@ -47,13 +47,15 @@ SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Base dtypes whose GEMMs run inside the fused Triton kernels; the others go to cuBLAS.
 TRITON_BASE_DTYPES = (torch.float16, torch.bfloat16)
 # Every kernel of this backend by name (the sm_90 profile enumerates these and _configs).
-KERNELS = {"shrink": _shrink, "fwd": _fwd_gemm, "ds_db": _ds_db, "dx": _dx, "da": _da}
+KERNELS = {"shrink": _shrink, "fwd": fwd_gemm, "ds_db": _ds_db, "dx": dx_gemm, "da": _da}
 _F32 = torch.float32
 
 
 def _configs(kernel: str) -> list[triton.Config]:
     """The autotune configurations of a kernel of :data:`KERNELS`."""
-    return (_forward_configs if kernel in ("shrink", "fwd") else _backward_configs)(kernel)
+    if kernel in ("fwd", "dx"):
+        return lora_gemm.configs()
+    return lora_forward.configs() if kernel == "shrink" else lora_backward.configs(kernel)
 
 
 def _block_r(r: int) -> int:
@@ -102,15 +104,8 @@ def _forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
     if OUT == 0:
         return y, s
     fused = x.dtype in TRITON_BASE_DTYPES
-    _fwd_gemm[lambda m: (triton.cdiv(T, m["BLOCK_M"]) * triton.cdiv(OUT, m["BLOCK_N"]),)](
-        x, weight, bias if bias is not None else y, s, lora_B, y, float(scaling),
-        T, IN, OUT, R, t_key,
-        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), s.stride(0),
-        lora_B.stride(0), lora_B.stride(1), y.stride(0), y.stride(1),
-        bias.stride(0) if bias is not None else 0,
-        HAS_BIAS=bias is not None, HAS_BASE=fused, BLOCK_R=block_r,
-        **_plan(("NS", "NB", "ORDER", "LT"), dot_plan(_F32, adt, x.dtype, adt)),
-    )
+    _gemm(fwd_gemm, x, weight.t(), s, lora_B.t(), None, bias, y, float(scaling), R, t_key, fused,
+          dot_plan(_F32, adt, x.dtype, adt))
     if not fused:
         y.addmm_(x, weight.t())
     return y, s
@@ -145,13 +140,8 @@ def _backward(dy, x, weight, lora_A, lora_B, s, scaling, dropout_p, seed, needs)
         dx = torch.empty(T, IN, device=dev, dtype=x.dtype)
         fused = x.dtype in TRITON_BASE_DTYPES
         if IN > 0:
-            _dx[lambda m: (triton.cdiv(T, m["BLOCK_M"]) * triton.cdiv(IN, m["BLOCK_N"]),)](
-                dy, weight, ds, lora_A, mask, dx, 1.0 / (1.0 - p), T, IN, OUT, R, t_key,
-                dy.stride(0), dy.stride(1), weight.stride(0), weight.stride(1),
-                lora_A.stride(0), lora_A.stride(1), mask.stride(0), dx.stride(0), dx.stride(1),
-                HAS_DROPOUT=p > 0, HAS_BASE=fused, BLOCK_R=block_r,
-                **_plan(("NS", "NA", "ORDER", "LT"), dot_plan(_F32, adt, x.dtype, adt)),
-            )
+            _gemm(dx_gemm, dy, weight, ds, lora_A, mask if p > 0 else None, None, dx,
+                  1.0 / (1.0 - p), R, t_key, fused, dot_plan(_F32, adt, x.dtype, adt))
             if not fused:
                 dx.addmm_(dy, weight)
     if need_a:
@@ -198,6 +188,31 @@ def _grad_s_and_b(dy, lora_B, s, scaling, need_ds, need_db, t_key, block_r, n_ch
     ds = (ds_part[0] if n_groups == 1 else ds_part.sum(0)) if need_ds else None
     dB = (db_part.sum(0) if row_blocks > 1 else db_part[0]).to(adt) if need_db else None
     return ds, dB
+
+
+def _gemm(kernel, a, bmat, p, q, mask, bias, c, factor, R, t_key, has_base, plan):
+    """c = bias + keep * factor * (p[:, :R] q) (+ a bmat with ``has_base``): a (M, K),
+    bmat (K, N), p (M, >= R) fp32 with unit column stride, q (R, N); see :mod:`.lora_gemm`.
+    TMA descriptors when a's rows and bmat are 16-byte aligned with a unit stride."""
+    M, N = c.shape
+    K = a.shape[1]
+    use_tma = has_base and a.stride(1) == 1 and tma_ok(a) and tma_ok(bmat)
+    b_kmajor = bmat.stride(0) == 1 and bmat.stride(1) != 1
+    if use_tma:
+        a_arg, b_arg = descriptor(a, False), descriptor(bmat, b_kmajor)
+    else:
+        a_arg, b_arg = a, bmat
+    sms = num_sms(c.device)
+    kernel[lambda m: (min(triton.cdiv(M, m["BLOCK_M"]) * triton.cdiv(N, m["BLOCK_N"]), sms),)](
+        a_arg, b_arg, p, q, mask if mask is not None else p, bias if bias is not None else c, c,
+        factor, M, N, K, R, t_key,
+        a.stride(0), a.stride(1), bmat.stride(0), bmat.stride(1), p.stride(0),
+        q.stride(0), q.stride(1), mask.stride(0) if mask is not None else 0,
+        c.stride(0), c.stride(1), bias.stride(0) if bias is not None else 0,
+        USE_TMA=use_tma, B_KMAJOR=b_kmajor, HAS_BASE=has_base, HAS_MASK=mask is not None,
+        HAS_BIAS=bias is not None, BLOCK_R=_block_r(R),
+        **_plan(("NP", "NQ", "ORDER", "LT"), plan),
+    )
 
 
 def not_supported_reasons(x, weight, bias, lora_A, lora_B, dropout_p, training) -> list[str]:

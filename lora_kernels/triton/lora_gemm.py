@@ -1,0 +1,138 @@
+"""The base GEMM of lora_linear with the LoRA term in its accumulator (forward and dX).
+
+    C = bias + keep * factor * (P Q) + A B          (M, N), fp32 accumulation, stored in C's dtype
+
+forward: A = x (T, in), B = W^T, P = S (T, r), Q = B^T (r, out), factor = scaling, no keep.
+dX:      A = dY (T, out), B = W, P = dS (T, r), Q = A (r, in), factor = 1 / (1 - p), keep = the
+         stored dropout bits; no bias.
+
+The LoRA term (a K = r dot in split precision, see :mod:`.lora_dots`) seeds the accumulator, so
+it never exists in memory on its own. Without ``HAS_BASE`` the kernel writes bias + LoRA term
+and cuBLAS adds A B onto it (fp32 bases).
+
+Persistent: ``min(tiles, SMs)`` programs walk the tiles in grouped order. ``USE_TMA``: A and B
+arrive as host-made tensor descriptors (``triton.tools.tensor_descriptor``, Triton >= 3.4), so
+the mainloop's loads are TMA copies, zero-filled past the edges; without it (strides TMA cannot
+take, or an fp32 prologue-only launch) they are masked pointer loads.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+from triton.tools.tensor_descriptor import TensorDescriptor
+
+from ._common import INTERPRETER
+from .lora_dots import base_dot, round_to, split_dot
+from .lora_dropout import load_keep
+
+
+def _set_tma_blocks(nargs):
+    """Autotune pre-hook: the descriptors' block shapes are the config's tile."""
+    bm, bn, bk = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_K"]
+    if isinstance(nargs["a"], TensorDescriptor):
+        nargs["a"].block_shape = [bm, bk]
+    if isinstance(nargs["b"], TensorDescriptor):
+        nargs["b"].block_shape = [bn, bk] if nargs["B_KMAJOR"] else [bk, bn]
+
+
+def configs() -> list[triton.Config]:
+    """Autotune configurations (one small one in the interpreter). Every one compiles for
+    sm_90 without spills, with wgmma in every dot."""
+    if INTERPRETER:
+        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2},
+                              num_warps=4, num_stages=1, pre_hook=_set_tma_blocks)]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
+                          num_warps=w, num_stages=st, pre_hook=_set_tma_blocks)
+            for bm, bn, bk, w, st in [(128, 256, 64, 8, 3), (128, 128, 64, 8, 4),
+                                      (64, 128, 64, 4, 4), (128, 64, 64, 4, 4)]]
+
+
+@triton.jit
+def _tile_of(tile, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """Tile index -> (row block, column block), GROUP_M row blocks side by side for L2 reuse."""
+    grid_n = tl.cdiv(N, BLOCK_N)
+    width = GROUP_M * grid_n
+    first_m = (tile // width) * GROUP_M
+    size_m = tl.minimum(tl.cdiv(M, BLOCK_M) - first_m, GROUP_M)
+    return first_m + (tile % width) % size_m, (tile % width) // size_m
+
+
+@triton.jit
+def lora_gemm(
+    a, b, p_ptr, q_ptr, mask_ptr, bias_ptr, c_ptr,
+    factor,
+    M, N, K, R, T_KEY,
+    stride_am, stride_ak, stride_bk, stride_bn, stride_pm, stride_qr, stride_qn, stride_mm,
+    stride_cm, stride_cn, stride_bias,
+    USE_TMA: tl.constexpr, B_KMAJOR: tl.constexpr, HAS_BASE: tl.constexpr,
+    HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
+    NP: tl.constexpr, NQ: tl.constexpr, ORDER: tl.constexpr, LT: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    """See the module docstring; ``a``/``b`` are pointers, or descriptors with ``USE_TMA``
+    (``b`` over (N, K) when ``B_KMAJOR``, else over (K, N))."""
+    rr = tl.arange(0, BLOCK_R).to(tl.int64)
+    rk = tl.arange(0, BLOCK_K).to(tl.int64)
+    n_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+    for tile in tl.range(tl.program_id(0), n_tiles, tl.num_programs(0)):
+        pid_m, pid_n = _tile_of(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+        rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)[:, None]
+        rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)[None, :]
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for r0 in range(0, R, BLOCK_R):
+            kr = r0 + rr
+            pt = tl.load(p_ptr + rm * stride_pm + kr[None, :], mask=(rm < M) & (kr[None, :] < R),
+                         other=0.0)
+            qt = tl.load(q_ptr + kr[:, None] * stride_qr + rn * stride_qn,
+                         mask=(kr[:, None] < R) & (rn < N), other=0.0)
+            acc = split_dot(pt, qt, acc, NP, NQ, ORDER, LT)
+        acc = acc * factor
+        if HAS_MASK:
+            keep = load_keep(mask_ptr, stride_mm, rm, pid_n * (BLOCK_N // 8), M, N, BLOCK_M, BLOCK_N)
+            acc = tl.where(keep, acc, 0.0)
+        if HAS_BASE:
+            for k0 in range(0, K, BLOCK_K):
+                if USE_TMA:
+                    at = a.load([pid_m * BLOCK_M, k0])
+                    if B_KMAJOR:
+                        bt = tl.trans(b.load([pid_n * BLOCK_N, k0]))
+                    else:
+                        bt = b.load([k0, pid_n * BLOCK_N])
+                else:
+                    kk = k0 + rk
+                    at = tl.load(a + rm * stride_am + kk[None, :] * stride_ak,
+                                 mask=(rm < M) & (kk[None, :] < K), other=0.0)
+                    bt = tl.load(b + kk[:, None] * stride_bk + rn * stride_bn,
+                                 mask=(kk[:, None] < K) & (rn < N), other=0.0)
+                acc = base_dot(at, bt, acc)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + rn * stride_bias, mask=rn < N, other=0.0).to(tl.float32)
+        tl.store(c_ptr + rm * stride_cm + rn * stride_cn, round_to(acc, c_ptr.dtype.element_ty),
+                 mask=(rm < M) & (rn < N))
+
+
+# One autotuner each (their best configs differ): the forward GEMM and the dX GEMM.
+_KEY = ["T_KEY", "N", "K", "R", "HAS_BASE", "USE_TMA"]
+fwd_gemm = triton.autotune(configs=configs(), key=_KEY)(lora_gemm)
+dx_gemm = triton.autotune(configs=configs(), key=_KEY)(lora_gemm)
+
+
+def tma_ok(t) -> bool:
+    """Whether a 2-D tensor can back a TMA descriptor over its contiguous dimension: 16-byte
+    aligned base and row stride, unit stride inside a row (either way round)."""
+    if t.dim() != 2 or min(t.shape) == 0:
+        return False
+    inner = 1 if t.stride(1) == 1 else (0 if t.stride(0) == 1 else None)
+    if inner is None:
+        return False
+    outer = t.stride(1 - inner) * t.element_size()
+    return t.data_ptr() % 16 == 0 and outer % 16 == 0
+
+
+def descriptor(t, transpose: bool) -> TensorDescriptor:
+    """A descriptor over ``t`` (or over ``t.t()``, to have the unit stride last); block shape
+    set per config by the autotune pre-hook."""
+    v = t.t() if transpose else t
+    return TensorDescriptor(v, list(v.shape), list(v.stride()), [16, 16])
