@@ -48,3 +48,31 @@ def num_sms(device: torch.device) -> int:
     if idx not in _SM_COUNTS:
         _SM_COUNTS[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
     return _SM_COUNTS[idx]
+
+
+class ConfigTable:
+    """Autotune configurations by launch class: a launch may pick only among its class's
+    configs (e.g. the ones that compile without spills for its dtypes and tile sizes).
+    ``classify(**launch_constexprs) -> class name``. Pass ``all()`` and ``prune`` to
+    ``triton.autotune(configs=..., prune_configs_by={"early_config_prune": ...})``; include
+    whatever decides the class in the autotune key (tensor dtypes are in it already)."""
+
+    def __init__(self, table: dict, classify):
+        self.table, self.classify = table, classify
+
+    def all(self) -> list:
+        seen, out = set(), []
+        for configs in self.table.values():
+            for c in configs:
+                if id(c) not in seen:
+                    seen.add(id(c))
+                    out.append(c)
+        return out
+
+    def of(self, **launch) -> list:
+        """The configs a launch with these constexprs may pick."""
+        return self.table[self.classify(**launch)]
+
+    def prune(self, configs, named_args, **launch):
+        allowed = {id(c) for c in self.of(**launch)}
+        return [c for c in configs if id(c) in allowed]

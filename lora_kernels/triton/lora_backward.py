@@ -17,30 +17,47 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from . import _common
 from ._common import INTERPRETER
 from .lora_dots import split_dot
 from .lora_dropout import load_keep
 
-# Rows per dS/dB program and per dA row chunk are multiples of this (the largest BLOCK_M).
-ROW_QUANTUM = 256
+# dA row chunks and dS/dB column groups are multiples of these (of every BLOCK_M / BLOCK_N a
+# config may pick; smaller in the interpreter, whose tests use small shapes).
+ROW_QUANTUM = 32 if INTERPRETER else 256
+COL_QUANTUM = 64 if INTERPRETER else 256
 
 
-def configs(kernel: str) -> list[triton.Config]:
-    """Autotune configurations of ``_ds_db`` / ``_da`` (one small one in the
-    interpreter). Every one compiles for sm_90 without spills, with wgmma in every dot."""
-    if INTERPRETER:
-        one = {"ds_db": {"BLOCK_N": 32}, "da": {"BLOCK_M": 32, "BLOCK_N": 32}}[kernel]
-        return [triton.Config(one, num_warps=4, num_stages=1)]
-    if kernel == "ds_db":
-        return [triton.Config({"BLOCK_N": bn}, num_warps=w, num_stages=st)
-                for bn, w, st in [(64, 8, 3), (128, 8, 3), (64, 4, 4)]]
-    if kernel == "da":
-        return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
-                for bm, bn, w, st in [(64, 128, 4, 3), (128, 128, 8, 3), (64, 64, 4, 4)]]
-    raise KeyError(kernel)
+def launch_class(BLOCK_R, NY=None, NX=None, **_) -> str:
+    """"split": dY or x in several pieces (fp16/fp32 base under fp32 adapters; BLOCK_R 16 and,
+    for _ds_db, BLOCK_M 64 then), "r64": 64 ranks per program, "base": the rest."""
+    return "split" if (NY or NX) > 1 else ("r64" if BLOCK_R > 32 else "base")
 
 
-@triton.autotune(configs=configs("ds_db"), key=["T_KEY", "OUT", "R", "NEED_DS", "NEED_DB"])
+def _ds_db_cfg(bn, warps, stages):
+    return triton.Config({"BLOCK_N": bn}, num_warps=warps, num_stages=stages)
+
+
+def _da_cfg(bm, bn, warps, stages):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
+
+
+# Each config compiles for sm_90 without spills, with wgmma in every dot, for its class.
+if INTERPRETER:
+    DS_DB_CONFIGS = _common.ConfigTable(dict.fromkeys(("base", "r64", "split"), [_ds_db_cfg(32, 4, 1)]),
+                                        launch_class)
+    DA_CONFIGS = _common.ConfigTable(dict.fromkeys(("base", "r64", "split"), [_da_cfg(32, 32, 4, 1)]),
+                                     launch_class)
+else:
+    _w = [_ds_db_cfg(64, 8, 3), _ds_db_cfg(128, 8, 3), _ds_db_cfg(64, 4, 4)]
+    DS_DB_CONFIGS = _common.ConfigTable(
+        {"base": _w, "r64": _w[:1], "split": [_ds_db_cfg(64, 4, 3), _ds_db_cfg(32, 4, 3)]}, launch_class)
+    _a = [_da_cfg(64, 128, 4, 3), _da_cfg(128, 128, 8, 3), _da_cfg(64, 64, 4, 4)]
+    DA_CONFIGS = _common.ConfigTable({"base": _a, "r64": _a, "split": [_a[0], _a[2]]}, launch_class)
+
+
+@triton.autotune(configs=DS_DB_CONFIGS.all(), key=["T_KEY", "OUT", "R", "NEED_DS", "NEED_DB"],
+                 prune_configs_by={"early_config_prune": DS_DB_CONFIGS.prune})
 @triton.jit
 def _ds_db(
     dy_ptr, b_ptr, s_ptr, ds_ptr, db_ptr,
@@ -82,7 +99,8 @@ def _ds_db(
         tl.store(ds_ptr + (group.to(tl.int64) * T + rm) * R + rr, ds * scaling, mask=(rm < T) & (rr < R))
 
 
-@triton.autotune(configs=configs("da"), key=["T_KEY", "IN", "R", "HAS_DROPOUT"])
+@triton.autotune(configs=DA_CONFIGS.all(), key=["T_KEY", "IN", "R", "HAS_DROPOUT"],
+                 prune_configs_by={"early_config_prune": DA_CONFIGS.prune})
 @triton.jit
 def _da(
     ds_ptr, x_ptr, mask_ptr, da_ptr,

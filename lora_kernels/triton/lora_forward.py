@@ -12,22 +12,32 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from . import _common
 from ._common import INTERPRETER
 from .lora_dots import split_dot
 from .lora_dropout import expand_bits, keep_bytes
 
 
-def configs() -> list[triton.Config]:
-    """Autotune configurations of ``_shrink`` (one small one in the interpreter). Every one
-    compiles for sm_90 without spills, with wgmma in every dot."""
-    if INTERPRETER:
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_K": 32}, num_warps=4, num_stages=1)]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=st)
-            for bm, bk, w, st in [(64, 64, 4, 4), (64, 128, 4, 3), (128, 64, 8, 3),
-                                  (64, 64, 4, 2)]]
+def _cfg(bm, bk, warps, stages):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=warps, num_stages=stages)
 
 
-@triton.autotune(configs=configs(), key=["T_KEY", "IN", "R", "HAS_DROPOUT"])
+def launch_class(NX, BLOCK_R, **_) -> str:
+    """"split": x in several pieces (fp16/fp32 base under fp32 adapters; BLOCK_R 16 then),
+    "r64": 64 ranks per program, "base": the rest."""
+    return "split" if NX > 1 else ("r64" if BLOCK_R > 32 else "base")
+
+
+_BASE = [_cfg(64, 64, 4, 4), _cfg(64, 128, 4, 3), _cfg(128, 64, 8, 3), _cfg(64, 64, 4, 2)]
+# Each config compiles for sm_90 without spills, with wgmma in every dot, for its class.
+CONFIGS = _common.ConfigTable(
+    {"base": _BASE, "r64": _BASE, "split": [_BASE[0], _BASE[2], _BASE[3]]} if not INTERPRETER
+    else dict.fromkeys(("base", "r64", "split"), [_cfg(16, 32, 4, 1)]),
+    launch_class)
+
+
+@triton.autotune(configs=CONFIGS.all(), key=["T_KEY", "IN", "R", "HAS_DROPOUT"],
+                 prune_configs_by={"early_config_prune": CONFIGS.prune})
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi", "thr"])
 def _shrink(
     x_ptr, a_ptr, s_ptr, mask_ptr,

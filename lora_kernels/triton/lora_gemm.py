@@ -22,6 +22,7 @@ import triton
 import triton.language as tl
 from triton.tools.tensor_descriptor import TensorDescriptor
 
+from . import _common
 from ._common import INTERPRETER
 from .lora_dots import base_dot, round_to, split_dot
 from .lora_dropout import load_keep
@@ -36,16 +37,24 @@ def _set_tma_blocks(nargs):
         nargs["b"].block_shape = [bn, bk] if nargs["B_KMAJOR"] else [bk, bn]
 
 
-def configs() -> list[triton.Config]:
-    """Autotune configurations (one small one in the interpreter). Every one compiles for
-    sm_90 without spills, with wgmma in every dot."""
-    if INTERPRETER:
-        return [triton.Config({"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 2},
-                              num_warps=4, num_stages=1, pre_hook=_set_tma_blocks)]
-    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
-                          num_warps=w, num_stages=st, pre_hook=_set_tma_blocks)
-            for bm, bn, bk, w, st in [(128, 256, 64, 8, 3), (128, 128, 64, 8, 4),
-                                      (64, 128, 64, 4, 4), (128, 64, 64, 4, 4)]]
+def _cfg(bm, bn, bk, group_m, warps, stages):
+    return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": group_m},
+                         num_warps=warps, num_stages=stages, pre_hook=_set_tma_blocks)
+
+
+def launch_class(HAS_BASE, **_) -> str:
+    """"gemm": with the base mainloop; "lora": bias + LoRA term only (cuBLAS does the rest)."""
+    return "gemm" if HAS_BASE else "lora"
+
+
+# Each config compiles for sm_90 without spills, with wgmma in every dot, for its class.
+if INTERPRETER:
+    CONFIGS = _common.ConfigTable(dict.fromkeys(("gemm", "lora"), [_cfg(32, 32, 32, 2, 4, 1)]),
+                                  launch_class)
+else:
+    _g = [_cfg(128, 256, 64, 8, 8, 3), _cfg(128, 128, 64, 8, 8, 4), _cfg(64, 128, 64, 8, 4, 4),
+          _cfg(128, 64, 64, 8, 4, 4)]
+    CONFIGS = _common.ConfigTable({"gemm": _g, "lora": _g[1:]}, launch_class)
 
 
 @triton.jit
@@ -115,8 +124,9 @@ def lora_gemm(
 
 # One autotuner each (their best configs differ): the forward GEMM and the dX GEMM.
 _KEY = ["T_KEY", "N", "K", "R", "HAS_BASE", "USE_TMA"]
-fwd_gemm = triton.autotune(configs=configs(), key=_KEY)(lora_gemm)
-dx_gemm = triton.autotune(configs=configs(), key=_KEY)(lora_gemm)
+_PRUNE = {"early_config_prune": CONFIGS.prune}
+fwd_gemm = triton.autotune(configs=CONFIGS.all(), key=_KEY, prune_configs_by=_PRUNE)(lora_gemm)
+dx_gemm = triton.autotune(configs=CONFIGS.all(), key=_KEY, prune_configs_by=_PRUNE)(lora_gemm)
 
 
 def tma_ok(t) -> bool:

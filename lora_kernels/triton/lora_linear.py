@@ -32,9 +32,9 @@ from __future__ import annotations
 import torch
 import triton
 
-from ._common import INTERPRETER, device_guard, num_sms, pow2_bucket
 from . import lora_backward, lora_forward, lora_gemm
-from .lora_backward import ROW_QUANTUM, _da, _ds_db
+from ._common import INTERPRETER, device_guard, num_sms, pow2_bucket
+from .lora_backward import COL_QUANTUM, ROW_QUANTUM, _da, _ds_db
 from .lora_dots import dot_plan
 from .lora_dropout import mask_columns, saved_s_columns, seed_words, threshold
 from .lora_forward import _shrink
@@ -51,24 +51,28 @@ KERNELS = {"shrink": _shrink, "fwd": fwd_gemm, "ds_db": _ds_db, "dx": dx_gemm, "
 _F32 = torch.float32
 
 
-def _configs(kernel: str) -> list[triton.Config]:
-    """The autotune configurations of a kernel of :data:`KERNELS`."""
-    if kernel in ("fwd", "dx"):
-        return lora_gemm.configs()
-    return lora_forward.configs() if kernel == "shrink" else lora_backward.configs(kernel)
+_TABLES = {"shrink": lora_forward.CONFIGS, "fwd": lora_gemm.CONFIGS, "ds_db": lora_backward.DS_DB_CONFIGS,
+           "dx": lora_gemm.CONFIGS, "da": lora_backward.DA_CONFIGS}
 
 
-def _block_r(r: int) -> int:
-    """Ranks per program / per prologue step: one chunk up to 64, chunks of 64 above."""
-    return min(64, max(16, triton.next_power_of_2(r)))
+def _configs(kernel: str, **launch) -> list[triton.Config]:
+    """The autotune configurations of a kernel of :data:`KERNELS`: all of them, or the ones a
+    launch with these constexprs may pick (each compiles for sm_90 without spills)."""
+    return _TABLES[kernel].of(**launch) if launch else _TABLES[kernel].all()
 
 
-def _ds_db_block_m(T: int) -> int:
+def _block_r(r: int, pieces: int) -> int:
+    """Ranks per program: one chunk up to 64, chunks of 64 above; chunks of 16 when the
+    activation (x or dY) is split into several pieces (registers)."""
+    return 16 if pieces > 1 else min(64, max(16, triton.next_power_of_2(r)))
+
+
+def _ds_db_block_m(T: int, pieces: int) -> int:
     """Rows per dS/dB program (fixed by the launcher, so the partials depend on the shape only):
-    more rows mean fewer dB partials, fewer mean more programs."""
+    more rows mean fewer dB partials, fewer mean more programs (and fewer registers)."""
     if INTERPRETER:
         return 16
-    return 128 if T >= 4096 else 64
+    return 128 if T >= 4096 and pieces == 1 else 64
 
 
 def _plan(names, plan):
@@ -91,15 +95,16 @@ def _forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
     if T == 0:
         return y, s
     seed_lo, seed_hi = seed_words(seed)
-    block_r, t_key = _block_r(R), pow2_bucket(T)
+    t_key = pow2_bucket(T)
     mask = s.view(torch.uint8)[:, 4 * mask_columns(IN, R)[0]:] if p > 0 else s
+    plan = dot_plan(x.dtype, adt, _F32, adt)
+    block_r = _block_r(R, plan[0])
     n_chunks = triton.cdiv(R, block_r)
     _shrink[lambda m: (triton.cdiv(T, m["BLOCK_M"]) * n_chunks,)](
         x, lora_A, s, mask, seed_lo, seed_hi, threshold(p), 1.0 / (1.0 - p),
         T, IN, R, t_key,
         x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1), s.stride(0), mask.stride(0),
-        HAS_DROPOUT=p > 0, BLOCK_R=block_r,
-        **_plan(("NX", "NA", "ORDER", "LT"), dot_plan(x.dtype, adt, _F32, adt)),
+        HAS_DROPOUT=p > 0, BLOCK_R=block_r, **_plan(("NX", "NA", "ORDER", "LT"), plan),
     )
     if OUT == 0:
         return y, s
@@ -120,8 +125,7 @@ def backward(dy, x, weight, lora_A, lora_B, s, scaling, dropout_p, seed, needs):
 
 def _backward(dy, x, weight, lora_A, lora_B, s, scaling, dropout_p, seed, needs):
     need_x, need_w, need_b, need_a, need_bb = (bool(n) for n in needs)
-    T, IN = x.shape
-    OUT, R = weight.shape[0], lora_A.shape[0]
+    (T, IN), R = x.shape, lora_A.shape[0]
     dev, adt, p = x.device, lora_A.dtype, float(dropout_p)
     dw = torch.mm(dy.t(), x) if need_w else None
     db = dy.sum(0) if need_b else None
@@ -130,11 +134,9 @@ def _backward(dy, x, weight, lora_A, lora_B, s, scaling, dropout_p, seed, needs)
         dA = torch.zeros_like(lora_A) if need_a else None
         dB = torch.zeros_like(lora_B) if need_bb else None
         return dx, dw, db, dA, dB
-    block_r, t_key, sms = _block_r(R), pow2_bucket(T), num_sms(dev)
-    n_chunks = triton.cdiv(R, block_r)
+    t_key = pow2_bucket(T)
     mask = s.view(torch.uint8)[:, 4 * mask_columns(IN, R)[0]:] if p > 0 else s
-    ds, dB = _grad_s_and_b(dy, lora_B, s, scaling, need_x or need_a, need_bb, t_key, block_r,
-                           n_chunks, sms)
+    ds, dB = _grad_s_and_b(dy, lora_B, s, scaling, need_x or need_a, need_bb, t_key)
     dx = dA = None
     if need_x:
         dx = torch.empty(T, IN, device=dev, dtype=x.dtype)
@@ -145,49 +147,58 @@ def _backward(dy, x, weight, lora_A, lora_B, s, scaling, dropout_p, seed, needs)
             if not fused:
                 dx.addmm_(dy, weight)
     if need_a:
-        # Row chunks (multiples of ROW_QUANTUM rows) so that the column blocks times the
-        # chunks fill the GPU twice over; the partials are (n_split, r, in) fp32.
-        n_cols = triton.cdiv(IN, 64)
-        n_split = max(1, min(triton.cdiv(2 * sms, n_cols * n_chunks), triton.cdiv(T, ROW_QUANTUM)))
-        split_rows = triton.cdiv(triton.cdiv(T, n_split), ROW_QUANTUM) * ROW_QUANTUM
-        n_split = triton.cdiv(T, split_rows)
-        part = torch.empty(n_split, R, IN, device=dev, dtype=_F32)
-        _da[lambda m: (triton.cdiv(IN, m["BLOCK_N"]) * n_split * n_chunks,)](
-            ds, x, mask, part, 1.0 / (1.0 - p), T, IN, R, t_key, split_rows, n_split,
-            x.stride(0), x.stride(1), mask.stride(0),
-            HAS_DROPOUT=p > 0, BLOCK_R=block_r,
-            **_plan(("NX", "NS", "ORDER", "LT"), dot_plan(x.dtype, _F32, adt, adt)),
-        )
-        dA = (part[0] if n_split == 1 else part.sum(0)).to(adt)
+        dA = _grad_a(ds, x, mask, p, adt, t_key)
     return dx, dw, db, dA, dB
 
 
-def _grad_s_and_b(dy, lora_B, s, scaling, need_ds, need_db, t_key, block_r, n_chunks, sms):
+def _grad_s_and_b(dy, lora_B, s, scaling, need_ds, need_db, t_key):
     """dS (T, r) fp32 (None if not needed) and dB (out, r) in the adapter dtype (or None), from
     one launch of ``_ds_db``."""
     T, OUT = dy.shape
     R, dev, adt = lora_B.shape[1], dy.device, lora_B.dtype
     if not (need_ds or need_db):
         return None, None
-    block_m = _ds_db_block_m(T)
-    row_blocks = triton.cdiv(T, block_m)
-    # Column groups (multiples of 256 columns): enough programs for two waves, no more (each
-    # group adds a (T, r) dS partial).
-    n_groups = max(1, min(triton.cdiv(2 * sms, row_blocks * n_chunks), triton.cdiv(OUT, 256)))
-    group_cols = triton.cdiv(triton.cdiv(max(OUT, 1), n_groups), 256) * 256
-    n_groups = max(1, triton.cdiv(OUT, group_cols))
+    plan = dot_plan(dy.dtype, adt, _F32, adt)
+    block_r, block_m = _block_r(R, plan[0]), _ds_db_block_m(T, plan[0])
+    n_chunks, row_blocks = triton.cdiv(R, block_r), triton.cdiv(T, block_m)
+    # Column groups (multiples of COL_QUANTUM columns): enough programs for two waves, no more
+    # (each group adds a (T, r) dS partial).
+    n_groups = min(triton.cdiv(2 * num_sms(dev), row_blocks * n_chunks),
+                   triton.cdiv(OUT, COL_QUANTUM))
+    group_cols = triton.cdiv(triton.cdiv(OUT, max(n_groups, 1)), COL_QUANTUM) * COL_QUANTUM
+    n_groups = max(1, triton.cdiv(OUT, max(group_cols, 1)))
     ds_part = torch.empty(n_groups if need_ds else 0, T, R, device=dev, dtype=_F32)
     db_part = torch.empty(row_blocks if need_db else 0, OUT, R, device=dev, dtype=_F32)
     _ds_db[(row_blocks * n_groups * n_chunks,)](
         dy, lora_B, s, ds_part, db_part, float(scaling), T, OUT, R, t_key, group_cols, n_groups,
         dy.stride(0), dy.stride(1), lora_B.stride(0), lora_B.stride(1), s.stride(0),
         NEED_DS=need_ds, NEED_DB=need_db, BLOCK_R=block_r, BLOCK_M=block_m,
-        **_plan(("NY", "NB", "ORDER", "LT"), dot_plan(dy.dtype, adt, _F32, adt)),
-        NS=dot_plan(dy.dtype, _F32, _F32, adt)[1],
+        NS=dot_plan(dy.dtype, _F32, _F32, adt)[1], **_plan(("NY", "NB", "ORDER", "LT"), plan),
     )
     ds = (ds_part[0] if n_groups == 1 else ds_part.sum(0)) if need_ds else None
-    dB = (db_part.sum(0) if row_blocks > 1 else db_part[0]).to(adt) if need_db else None
+    dB = (db_part[0] if row_blocks == 1 else db_part.sum(0)).to(adt) if need_db else None
     return ds, dB
+
+
+def _grad_a(ds, x, mask, p, adt, t_key):
+    """dA (r, in) in the adapter dtype from one launch of ``_da``: row chunks (multiples of
+    ROW_QUANTUM rows) so that column blocks times chunks fill the GPU twice over, their
+    (n_split, r, in) fp32 partials summed in a fixed order."""
+    (T, IN), R = x.shape, ds.shape[1]
+    plan = dot_plan(x.dtype, _F32, adt, adt)
+    block_r = _block_r(R, plan[0])
+    n_chunks, n_cols = triton.cdiv(R, block_r), triton.cdiv(IN, 64)
+    n_split = min(triton.cdiv(2 * num_sms(x.device), n_cols * n_chunks), triton.cdiv(T, ROW_QUANTUM))
+    split_rows = triton.cdiv(triton.cdiv(T, n_split), ROW_QUANTUM) * ROW_QUANTUM
+    n_split = triton.cdiv(T, split_rows)
+    part = torch.empty(n_split, R, IN, device=x.device, dtype=_F32)
+    if IN > 0:
+        _da[lambda m: (triton.cdiv(IN, m["BLOCK_N"]) * n_split * n_chunks,)](
+            ds, x, mask, part, 1.0 / (1.0 - p), T, IN, R, t_key, split_rows, n_split,
+            x.stride(0), x.stride(1), mask.stride(0),
+            HAS_DROPOUT=p > 0, BLOCK_R=block_r, **_plan(("NX", "NS", "ORDER", "LT"), plan),
+        )
+    return (part[0] if n_split == 1 else part.sum(0)).to(adt)
 
 
 def _gemm(kernel, a, bmat, p, q, mask, bias, c, factor, R, t_key, has_base, plan):
@@ -210,7 +221,7 @@ def _gemm(kernel, a, bmat, p, q, mask, bias, c, factor, R, t_key, has_base, plan
         q.stride(0), q.stride(1), mask.stride(0) if mask is not None else 0,
         c.stride(0), c.stride(1), bias.stride(0) if bias is not None else 0,
         USE_TMA=use_tma, B_KMAJOR=b_kmajor, HAS_BASE=has_base, HAS_MASK=mask is not None,
-        HAS_BIAS=bias is not None, BLOCK_R=_block_r(R),
+        HAS_BIAS=bias is not None, BLOCK_R=16,
         **_plan(("NP", "NQ", "ORDER", "LT"), plan),
     )
 
