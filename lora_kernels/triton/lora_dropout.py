@@ -7,12 +7,14 @@ column ``8 g + i`` uses half ``i % 2`` of word ``i // 2`` and is kept when
 ``u >= round(65536 p)``, so the drop probability is p rounded to a multiple of 2^-16. One call
 serves eight elements, every bit of it used.
 
-Storage: the forward packs the eight decisions of a call into one byte (bit i = column 8 g + i)
-and keeps the bytes in extra columns of the saved ``s`` (float32 columns used as raw bytes, see
-:func:`mask_columns`): T * in / 8 bytes, 4 MiB at T = 8192, in = 4096. The backward reads
-them back (a tenth of a pass over a bf16 x) instead of running Philox again: regenerating costs
-about 70 integer instructions per eight elements, some 300 M per step at that shape, on the SMs
-that run the GEMMs.
+Storage: the forward packs the decisions as bits and keeps them in extra columns of the
+saved float32 ``s``, 16 per column (bits 0-15 of a word whose high half is 0x3F80, so every
+word is a finite float in [1, 1.0079): the saved tensor stays a well-behaved float tensor that
+``torch.compile`` and ``opcheck`` may compare; raw bits would form NaNs). Element (m, k) is bit
+k % 16 of word k // 16 of row m: T * in / 8 bytes of bits, 8 MiB of words at T = 8192,
+in = 4096. The backward reads them back (an eighth of a pass over a bf16 x) instead of running
+Philox again: regenerating costs about 200 integer instructions per eight elements (Philox
+plus unpacking), some 800 M per step at that shape, on the SMs that run the GEMMs.
 """
 
 from __future__ import annotations
@@ -40,9 +42,8 @@ def seed_words(seed: int) -> tuple[int, int]:
 
 def mask_columns(in_features: int, rank: int) -> tuple[int, int]:
     """(first column, number of columns) of the packed mask inside the saved float32 ``s``:
-    after the ``rank`` columns of S, rounded up to 16 bytes; ``in / 8`` bytes per row, rounded
-    up to 16 bytes, so every row of bytes starts 16-byte aligned."""
-    return triton.cdiv(rank, 4) * 4, triton.cdiv(in_features, 128) * 4
+    right after the ``rank`` columns of S, 16 elements of x per column."""
+    return rank, triton.cdiv(in_features, 16)
 
 
 def saved_s_columns(in_features: int, rank: int, dropout_p: float) -> int:
@@ -50,20 +51,14 @@ def saved_s_columns(in_features: int, rank: int, dropout_p: float) -> int:
     dropout."""
     if float(dropout_p) == 0.0:
         return rank
-    first, count = mask_columns(in_features, rank)
-    return first + count
-
-
-def mask_bytes(s: torch.Tensor, rank: int, in_features: int) -> torch.Tensor:
-    """The (T, in / 8 rounded up) uint8 view of the packed mask inside ``s``."""
-    first, count = mask_columns(in_features, rank)
-    return s.view(torch.uint8)[:, 4 * first: 4 * first + triton.cdiv(in_features, 8)]
+    return sum(mask_columns(in_features, rank))
 
 
 def unpack_keep(s: torch.Tensor, rank: int, in_features: int) -> torch.Tensor:
     """The (T, in) bool keep-mask stored in ``s`` (for tests and debugging)."""
-    b = mask_bytes(s, rank, in_features).to(torch.int32)
-    bits = (b[:, :, None] >> torch.arange(8, device=s.device, dtype=torch.int32)) & 1
+    first, count = mask_columns(in_features, rank)
+    words = s[:, first:first + count].contiguous().view(torch.int32) & 0xFFFF
+    bits = (words[:, :, None] >> torch.arange(16, device=s.device, dtype=torch.int32)) & 1
     return bits.reshape(s.shape[0], -1)[:, :in_features].bool()
 
 
@@ -89,17 +84,24 @@ def keep_bytes(seed_lo, seed_hi, thr, rows, groups):
 
 
 @triton.jit
-def expand_bits(b, BM: tl.constexpr, BN: tl.constexpr):
-    """Bytes (BM, BN // 8) -> the (BM, BN) bool tile they pack (bit i -> column 8 g + i)."""
-    bits = (b[:, :, None] >> tl.arange(0, 8)[None, None, :]) & 1
+def pack_words(b, BM: tl.constexpr, G: tl.constexpr):
+    """Keep bytes (BM, G) -> the (BM, G // 2) float32 words that store them (see above)."""
+    lo, hi = tl.split(tl.reshape(b, (BM, G // 2, 2)))
+    return (lo | (hi << 8) | 0x3F800000).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def expand_bits(w, BM: tl.constexpr, BN: tl.constexpr):
+    """Words (BM, BN // 16), keep bits in bits 0-15 -> the (BM, BN) bool tile they pack."""
+    bits = (w[:, :, None] >> tl.arange(0, 16)[None, None, :]) & 1
     return tl.reshape(bits, (BM, BN)) != 0
 
 
 @triton.jit
-def load_keep(mask_ptr, stride_mm, rows, g0, T, IN, BM: tl.constexpr, BN: tl.constexpr):
-    """The (BM, BN) keep tile of rows (BM, 1) and columns 8 g0 .. 8 g0 + BN - 1 from the packed
-    bytes (false outside x)."""
-    g = g0 + tl.arange(0, BN // 8)
-    b = tl.load(mask_ptr + rows * stride_mm + g[None, :],
-                mask=(rows < T) & (g[None, :] < tl.cdiv(IN, 8)), other=0)
-    return expand_bits(b.to(tl.int32), BM, BN)
+def load_keep(mask_ptr, stride_mm, rows, w0, T, IN, BM: tl.constexpr, BN: tl.constexpr):
+    """The (BM, BN) keep tile of rows (BM, 1) and columns 16 w0 .. 16 w0 + BN - 1 from the
+    stored words (false outside x)."""
+    w = w0 + tl.arange(0, BN // 16)
+    words = tl.load(mask_ptr + rows * stride_mm + w[None, :],
+                    mask=(rows < T) & (w[None, :] < tl.cdiv(IN, 16)), other=0.0)
+    return expand_bits(words.to(tl.int32, bitcast=True), BM, BN)

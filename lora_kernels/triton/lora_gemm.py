@@ -99,7 +99,7 @@ def lora_gemm(
             acc = split_dot(pt, qt, acc, NP, NQ, ORDER, LT)
         acc = acc * factor
         if HAS_MASK:
-            keep = load_keep(mask_ptr, stride_mm, rm, pid_n * (BLOCK_N // 8), M, N, BLOCK_M, BLOCK_N)
+            keep = load_keep(mask_ptr, stride_mm, rm, pid_n * (BLOCK_N // 16), M, N, BLOCK_M, BLOCK_N)
             acc = tl.where(keep, acc, 0.0)
         if HAS_BASE:
             for k0 in range(0, K, BLOCK_K):

@@ -13,7 +13,7 @@ backward  ``_ds_db``     one pass over dY: dS and dB (split partials, summed in 
           dW = dY^T x and db = sum(dY) (only when asked for) are cuBLAS calls through torch.
 
 Passes over the (T, in) / (T, out) activations beyond the two base GEMMs: x twice (shrink, dA),
-dY once (dS/dB), the mask bits (1/16 of a bf16 x) written once, read twice. No atomics.
+dY once (dS/dB), the mask bits (1/8 of a bf16 x) written once, read twice. No atomics.
 
 Base GEMMs: fused in Triton for fp16/bf16 (:data:`TRITON_BASE_DTYPES`). The alternative,
 cuBLAS with beta = 1 onto a buffer holding bias + LoRA term (``y.addmm_(x, W^T)``), writes and
@@ -96,7 +96,7 @@ def _forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
         return y, s
     seed_lo, seed_hi = seed_words(seed)
     t_key = pow2_bucket(T)
-    mask = s.view(torch.uint8)[:, 4 * mask_columns(IN, R)[0]:] if p > 0 else s
+    mask = s[:, mask_columns(IN, R)[0]:] if p > 0 else s
     plan = dot_plan(x.dtype, adt, _F32, adt)
     block_r = _block_r(R, plan[0])
     n_chunks = triton.cdiv(R, block_r)
@@ -135,7 +135,7 @@ def _backward(dy, x, weight, lora_A, lora_B, s, scaling, dropout_p, seed, needs)
         dB = torch.zeros_like(lora_B) if need_bb else None
         return dx, dw, db, dA, dB
     t_key = pow2_bucket(T)
-    mask = s.view(torch.uint8)[:, 4 * mask_columns(IN, R)[0]:] if p > 0 else s
+    mask = s[:, mask_columns(IN, R)[0]:] if p > 0 else s
     ds, dB = _grad_s_and_b(dy, lora_B, s, scaling, need_x or need_a, need_bb, t_key)
     dx = dA = None
     if need_x:
