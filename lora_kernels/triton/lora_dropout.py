@@ -84,16 +84,21 @@ def keep_bytes(seed_lo, seed_hi, thr, rows, groups):
 
 
 @triton.jit
-def pack_words(b, BM: tl.constexpr, G: tl.constexpr):
-    """Keep bytes (BM, G) -> the (BM, G // 2) float32 words that store them (see above)."""
-    lo, hi = tl.split(tl.reshape(b, (BM, G // 2, 2)))
-    return (lo | (hi << 8) | 0x3F800000).to(tl.float32, bitcast=True)
+def store_bytes(mask_ptr, stride_mm, rows, groups, b, ok):
+    """Store keep bytes b of rows (BM, 1) x column groups (1, G) into the words of ``mask_ptr``
+    (the uint8 view of the mask columns, ``stride_mm`` bytes per row): group g is byte g % 2 of
+    word g // 2; the even groups also write the word's constant high half (bytes 0x80, 0x3F)."""
+    at = mask_ptr + rows * stride_mm + 4 * (groups // 2)
+    tl.store(at + groups % 2, b.to(tl.uint8), mask=ok)
+    even = ok & (groups % 2 == 0)
+    tl.store(at + 2, tl.full(b.shape, 0x80, tl.uint8), mask=even)
+    tl.store(at + 3, tl.full(b.shape, 0x3F, tl.uint8), mask=even)
 
 
 @triton.jit
-def expand_bits(w, BM: tl.constexpr, BN: tl.constexpr):
-    """Words (BM, BN // 16), keep bits in bits 0-15 -> the (BM, BN) bool tile they pack."""
-    bits = (w[:, :, None] >> tl.arange(0, 16)[None, None, :]) & 1
+def expand_bits(w, BM: tl.constexpr, BN: tl.constexpr, BITS: tl.constexpr):
+    """Bytes (BITS 8) or words (BITS 16) (BM, BN // BITS) -> the (BM, BN) bool tile they pack."""
+    bits = (w[:, :, None] >> tl.arange(0, BITS)[None, None, :]) & 1
     return tl.reshape(bits, (BM, BN)) != 0
 
 
@@ -104,4 +109,4 @@ def load_keep(mask_ptr, stride_mm, rows, w0, T, IN, BM: tl.constexpr, BN: tl.con
     w = w0 + tl.arange(0, BN // 16)
     words = tl.load(mask_ptr + rows * stride_mm + w[None, :],
                     mask=(rows < T) & (w[None, :] < tl.cdiv(IN, 16)), other=0.0)
-    return expand_bits(words.to(tl.int32, bitcast=True), BM, BN)
+    return expand_bits(words.to(tl.int32, bitcast=True) & 0xFFFF, BM, BN, 16)

@@ -15,7 +15,7 @@ import triton.language as tl
 from . import _common
 from ._common import INTERPRETER
 from .lora_dots import split_dot
-from .lora_dropout import expand_bits, keep_bytes, pack_words
+from .lora_dropout import expand_bits, keep_bytes, store_bytes
 
 
 def _cfg(bm, bk, warps, stages):
@@ -61,12 +61,10 @@ def _shrink(
         xt = tl.load(x_ptr + rm * stride_xm + kk[None, :] * stride_xk,
                      mask=(rm < T) & (kk[None, :] < IN), other=0.0)
         if HAS_DROPOUT:
-            b = keep_bytes(seed_lo, seed_hi, thr, rm, k0 // 8 + tl.arange(0, BLOCK_K // 8)[None, :])
-            words = pack_words(b, BLOCK_M, BLOCK_K // 8)
-            w = k0 // 16 + tl.arange(0, BLOCK_K // 16)[None, :]
-            tl.store(mask_ptr + rm * stride_mm + w, words,
-                     mask=(rm < T) & (w < tl.cdiv(IN, 16)) & (chunk == 0))
-            xt = tl.where(expand_bits(words.to(tl.int32, bitcast=True), BLOCK_M, BLOCK_K), xt, 0.0)
+            g = k0 // 8 + tl.arange(0, BLOCK_K // 8)[None, :]
+            b = keep_bytes(seed_lo, seed_hi, thr, rm, g)
+            store_bytes(mask_ptr, stride_mm, rm, g, b, (rm < T) & (g < 2 * tl.cdiv(IN, 16)) & (chunk == 0))
+            xt = tl.where(expand_bits(b, BLOCK_M, BLOCK_K, 8), xt, 0.0)
         at = tl.load(a_ptr + rr * stride_ar + kk[:, None] * stride_ak,
                      mask=(rr < R) & (kk[:, None] < IN), other=0.0)
         acc = split_dot(xt, at, acc, NX, NA, ORDER, LT)

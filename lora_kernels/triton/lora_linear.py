@@ -96,7 +96,7 @@ def _forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
         return y, s
     seed_lo, seed_hi = seed_words(seed)
     t_key = pow2_bucket(T)
-    mask = s[:, mask_columns(IN, R)[0]:] if p > 0 else s
+    mask = s[:, mask_columns(IN, R)[0]:].view(torch.uint8) if p > 0 else s
     plan = dot_plan(x.dtype, adt, _F32, adt)
     block_r = _block_r(R, plan[0])
     n_chunks = triton.cdiv(R, block_r)
