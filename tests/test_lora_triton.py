@@ -64,13 +64,24 @@ def test_rank_256_in_chunks():
 
 
 def test_split_partials_are_summed(monkeypatch):
-    """Several dS/dB column groups and dA row chunks: the fixed-order partial sums (no atomics)
-    over several programs."""
+    """Several dS/dB column groups and dA row chunks (its own pass, when x needs no gradient)
+    or row blocks (fused into the dX GEMM): the fixed-order partial sums, no atomics."""
     inputs = make_inputs(40, 24, 150, 3, torch.float32, bias=False)
-    with _recorded_launches(monkeypatch) as launches:
-        _run_and_check(inputs, 0.5, 0.2, 9, ALL, torch.float32, 40, 150, 24)
-    args = {name: a for name, _, a, _ in launches}
-    assert args["ds_db"]["N_GROUPS"] > 1 and args["da"]["N_SPLIT"] > 1
+    for needs in (ONLY_ADAPTERS, ALL):
+        with _recorded_launches(monkeypatch) as launches:
+            _run_and_check(inputs, 0.5, 0.2, 9, needs, torch.float32, 40, 150, 24)
+        args = {name: a for name, _, a, _ in launches}
+        assert args["ds_db"]["N_GROUPS"] > 1
+        if needs[0]:
+            assert args["dx"]["FUSE_DA"] and "da" not in args and 40 > tr.DA_BLOCK_M
+        else:
+            assert args["da"]["N_SPLIT"] > 1
+
+
+def test_rank_above_fused_da_limit():
+    """dA in its own pass beside the dX GEMM (rank > FUSE_DA_MAX_RANK)."""
+    inputs = make_inputs(37, 40, 24, 33, torch.bfloat16, adapter_dtype=torch.float32)
+    _run_and_check(inputs, 0.5, 0.1, 3, ALL, torch.bfloat16, 37, 24, 40)
 
 
 def test_broadcast_gradient_with_zero_strides():
@@ -213,7 +224,8 @@ def test_every_launch_under_the_inputs_device_guard(monkeypatch):
     x, w, b, a, bb = make_inputs(97, 24, 20, 3, torch.bfloat16)
     with _recorded_launches(monkeypatch) as launches:
         y, s = tr.forward(x, w, b, a, bb, 1.0, 0.1, 5)
-        tr.backward(torch.randn_like(y), x, w, a, bb, s, 1.0, 0.1, 5, ALL)
+        for needs in (ALL, ONLY_ADAPTERS):  # dA fused into the dX GEMM, and on its own
+            tr.backward(torch.randn_like(y), x, w, a, bb, s, 1.0, 0.1, 5, needs)
     assert {name for name, *_ in launches} == set(tr.KERNELS)
     for name, _, args, guarded in launches:
         assert guarded is x, f"{name} launched outside the device guard of x"

@@ -42,19 +42,23 @@ def _cfg(bm, bn, bk, group_m, warps, stages):
                          num_warps=warps, num_stages=stages, pre_hook=_set_tma_blocks)
 
 
-def launch_class(HAS_BASE, **_) -> str:
-    """"gemm": with the base mainloop; "lora": bias + LoRA term only (cuBLAS does the rest)."""
-    return "gemm" if HAS_BASE else "lora"
+def launch_class(HAS_BASE, FUSE_DA, **_) -> str:
+    """"gemm": with the base mainloop; "lora": bias + LoRA term only (cuBLAS does the rest);
+    "_da": with dA fused (BLOCK_M fixed at :data:`DA_BLOCK_M`, the partials' row block)."""
+    return ("gemm" if HAS_BASE else "lora") + ("_da" if FUSE_DA else "")
 
 
+DA_BLOCK_M = 32 if INTERPRETER else 128
 # Each config compiles for sm_90 without spills, with wgmma in every dot, for its class.
 if INTERPRETER:
-    CONFIGS = _common.ConfigTable(dict.fromkeys(("gemm", "lora"), [_cfg(32, 32, 32, 2, 4, 1)]),
-                                  launch_class)
+    CONFIGS = _common.ConfigTable(
+        dict.fromkeys(("gemm", "lora", "gemm_da", "lora_da"), [_cfg(32, 32, 32, 2, 4, 1)]),
+        launch_class)
 else:
     _g = [_cfg(128, 256, 64, 8, 8, 3), _cfg(128, 128, 64, 8, 8, 4), _cfg(64, 128, 64, 8, 4, 4),
           _cfg(128, 64, 64, 8, 4, 4)]
-    CONFIGS = _common.ConfigTable({"gemm": _g, "lora": _g[1:]}, launch_class)
+    CONFIGS = _common.ConfigTable({"gemm": _g, "lora": _g[1:], "gemm_da": [_g[1], _g[3]],
+                                   "lora_da": [_g[1], _g[3]]}, launch_class)
 
 
 @triton.jit
@@ -69,19 +73,22 @@ def _tile_of(tile, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: 
 
 @triton.jit
 def lora_gemm(
-    a, b, p_ptr, q_ptr, mask_ptr, bias_ptr, c_ptr,
+    a, b, p_ptr, q_ptr, mask_ptr, bias_ptr, c_ptr, x_ptr, da_ptr,
     factor,
     M, N, K, R, T_KEY,
     stride_am, stride_ak, stride_bk, stride_bn, stride_pm, stride_qr, stride_qn, stride_mm,
-    stride_cm, stride_cn, stride_bias,
+    stride_cm, stride_cn, stride_bias, stride_xm, stride_xk,
     USE_TMA: tl.constexpr, B_KMAJOR: tl.constexpr, HAS_BASE: tl.constexpr,
-    HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr,
+    HAS_MASK: tl.constexpr, HAS_BIAS: tl.constexpr, FUSE_DA: tl.constexpr,
     NP: tl.constexpr, NQ: tl.constexpr, ORDER: tl.constexpr, LT: tl.constexpr,
+    NX: tl.constexpr, NS: tl.constexpr, ORDER_DA: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
     """See the module docstring; ``a``/``b`` are pointers, or descriptors with ``USE_TMA``
-    (``b`` over (N, K) when ``B_KMAJOR``, else over (K, N))."""
+    (``b`` over (N, K) when ``B_KMAJOR``, else over (K, N)). ``FUSE_DA`` (dX only): the tile
+    also writes its share of dA = dS^T (keep * x) factor, da_ptr[row block, r, columns], from
+    the dS tile its prologue loads and x's tile (an extra read inside a compute-bound kernel)."""
     rr = tl.arange(0, BLOCK_R).to(tl.int64)
     rk = tl.arange(0, BLOCK_K).to(tl.int64)
     n_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
@@ -89,6 +96,20 @@ def lora_gemm(
         pid_m, pid_n = _tile_of(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
         rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)[:, None]
         rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)[None, :]
+        if FUSE_DA:  # first, so that x's tile is dead before the accumulator lives
+            xt = tl.load(x_ptr + rm * stride_xm + rn * stride_xk, mask=(rm < M) & (rn < N), other=0.0)
+            if HAS_MASK:
+                xt = tl.where(load_keep(mask_ptr, stride_mm, rm, pid_n * (BLOCK_N // 16), M, N,
+                                        BLOCK_M, BLOCK_N), xt, 0.0)
+            xt = tl.trans(xt)
+            for r0 in range(0, R, BLOCK_R):
+                kr = r0 + rr
+                pt = tl.load(p_ptr + rm * stride_pm + kr[None, :],
+                             mask=(rm < M) & (kr[None, :] < R), other=0.0)
+                da = split_dot(xt, pt, tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32),
+                               NX, NS, ORDER_DA, LT)
+                tl.store(da_ptr + (pid_m.to(tl.int64) * R + kr[None, :]) * N + tl.trans(rn),
+                         da * factor, mask=(kr[None, :] < R) & (tl.trans(rn) < N))
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for r0 in range(0, R, BLOCK_R):
             kr = r0 + rr
@@ -98,9 +119,9 @@ def lora_gemm(
                          mask=(kr[:, None] < R) & (rn < N), other=0.0)
             acc = split_dot(pt, qt, acc, NP, NQ, ORDER, LT)
         acc = acc * factor
-        if HAS_MASK:
-            keep = load_keep(mask_ptr, stride_mm, rm, pid_n * (BLOCK_N // 16), M, N, BLOCK_M, BLOCK_N)
-            acc = tl.where(keep, acc, 0.0)
+        if HAS_MASK:  # (read again rather than held: registers)
+            acc = tl.where(load_keep(mask_ptr, stride_mm, rm, pid_n * (BLOCK_N // 16), M, N,
+                                     BLOCK_M, BLOCK_N), acc, 0.0)
         if HAS_BASE:
             for k0 in range(0, K, BLOCK_K):
                 if USE_TMA:
@@ -123,7 +144,7 @@ def lora_gemm(
 
 
 # One autotuner each (their best configs differ): the forward GEMM and the dX GEMM.
-_KEY = ["T_KEY", "N", "K", "R", "HAS_BASE", "USE_TMA"]
+_KEY = ["T_KEY", "N", "K", "R", "HAS_BASE", "USE_TMA", "FUSE_DA"]
 _PRUNE = {"early_config_prune": CONFIGS.prune}
 fwd_gemm = triton.autotune(configs=CONFIGS.all(), key=_KEY, prune_configs_by=_PRUNE)(lora_gemm)
 dx_gemm = triton.autotune(configs=CONFIGS.all(), key=_KEY, prune_configs_by=_PRUNE)(lora_gemm)

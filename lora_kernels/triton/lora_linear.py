@@ -38,7 +38,7 @@ from .lora_backward import COL_QUANTUM, ROW_QUANTUM, _da, _ds_db
 from .lora_dots import dot_plan
 from .lora_dropout import mask_columns, saved_s_columns, seed_words, threshold
 from .lora_forward import _shrink
-from .lora_gemm import descriptor, dx_gemm, fwd_gemm, tma_ok
+from .lora_gemm import DA_BLOCK_M, descriptor, dx_gemm, fwd_gemm, tma_ok
 
 __all__ = ["forward", "backward", "not_supported_reasons", "saved_s_columns", "KERNELS"]
 
@@ -46,6 +46,8 @@ MAX_RANK = 256
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 # Base dtypes whose GEMMs run inside the fused Triton kernels; the others go to cuBLAS.
 TRITON_BASE_DTYPES = (torch.float16, torch.bfloat16)
+# Largest rank whose dA is computed inside the dX GEMM (see _backward).
+FUSE_DA_MAX_RANK = 32
 # Every kernel of this backend by name (the sm_90 profile enumerates these and _configs).
 KERNELS = {"shrink": _shrink, "fwd": fwd_gemm, "ds_db": _ds_db, "dx": dx_gemm, "da": _da}
 _F32 = torch.float32
@@ -138,15 +140,27 @@ def _backward(dy, x, weight, lora_A, lora_B, s, scaling, dropout_p, seed, needs)
     mask = s[:, mask_columns(IN, R)[0]:] if p > 0 else s
     ds, dB = _grad_s_and_b(dy, lora_B, s, scaling, need_x or need_a, need_bb, t_key)
     dx = dA = None
+    # dA inside the dX GEMM (its (T / DA_BLOCK_M, r, in) partials cost less than a pass over x
+    # up to r = 32), else its own pass over x (also when a half x is split in pieces beside
+    # the base mainloop: registers).
+    fused = x.dtype in TRITON_BASE_DTYPES
+    da_plan = dot_plan(x.dtype, _F32, adt, adt)
+    fuse_da = (need_x and need_a and R <= FUSE_DA_MAX_RANK and IN > 0
+               and (da_plan[0] == 1 or not fused))
     if need_x:
         dx = torch.empty(T, IN, device=dev, dtype=x.dtype)
-        fused = x.dtype in TRITON_BASE_DTYPES
+        part = None
+        if fuse_da:
+            part = torch.empty(triton.cdiv(T, DA_BLOCK_M), R, IN, device=dev, dtype=_F32)
         if IN > 0:
             _gemm(dx_gemm, dy, weight, ds, lora_A, mask if p > 0 else None, None, dx,
-                  1.0 / (1.0 - p), R, t_key, fused, dot_plan(_F32, adt, x.dtype, adt))
+                  1.0 / (1.0 - p), R, t_key, fused, dot_plan(_F32, adt, x.dtype, adt),
+                  x=x if fuse_da else None, da=part, da_plan=da_plan)
             if not fused:
                 dx.addmm_(dy, weight)
-    if need_a:
+        if fuse_da:
+            dA = (part[0] if part.shape[0] == 1 else part.sum(0)).to(adt)
+    if need_a and not fuse_da:
         dA = _grad_a(ds, x, mask, p, adt, t_key)
     return dx, dw, db, dA, dB
 
@@ -201,9 +215,11 @@ def _grad_a(ds, x, mask, p, adt, t_key):
     return (part[0] if n_split == 1 else part.sum(0)).to(adt)
 
 
-def _gemm(kernel, a, bmat, p, q, mask, bias, c, factor, R, t_key, has_base, plan):
+def _gemm(kernel, a, bmat, p, q, mask, bias, c, factor, R, t_key, has_base, plan, x=None, da=None,
+          da_plan=(1, 1, 1, 1)):
     """c = bias + keep * factor * (p[:, :R] q) (+ a bmat with ``has_base``): a (M, K),
     bmat (K, N), p (M, >= R) fp32 with unit column stride, q (R, N); see :mod:`.lora_gemm`.
+    With ``x`` (M, N) and ``da`` (M / DA_BLOCK_M, R, N) fp32, also dA's partials.
     TMA descriptors when a's rows and bmat are 16-byte aligned with a unit stride."""
     M, N = c.shape
     K = a.shape[1]
@@ -214,15 +230,18 @@ def _gemm(kernel, a, bmat, p, q, mask, bias, c, factor, R, t_key, has_base, plan
     else:
         a_arg, b_arg = a, bmat
     sms = num_sms(c.device)
+    fuse_da = da is not None
     kernel[lambda m: (min(triton.cdiv(M, m["BLOCK_M"]) * triton.cdiv(N, m["BLOCK_N"]), sms),)](
         a_arg, b_arg, p, q, mask if mask is not None else p, bias if bias is not None else c, c,
+        x if fuse_da else c, da if fuse_da else c,
         factor, M, N, K, R, t_key,
         a.stride(0), a.stride(1), bmat.stride(0), bmat.stride(1), p.stride(0),
         q.stride(0), q.stride(1), mask.stride(0) if mask is not None else 0,
         c.stride(0), c.stride(1), bias.stride(0) if bias is not None else 0,
+        x.stride(0) if fuse_da else 0, x.stride(1) if fuse_da else 0,
         USE_TMA=use_tma, B_KMAJOR=b_kmajor, HAS_BASE=has_base, HAS_MASK=mask is not None,
-        HAS_BIAS=bias is not None, BLOCK_R=16,
-        **_plan(("NP", "NQ", "ORDER", "LT"), plan),
+        HAS_BIAS=bias is not None, FUSE_DA=fuse_da, BLOCK_R=16,
+        **_plan(("NP", "NQ", "ORDER", "LT"), plan), **_plan(("NX", "NS", "ORDER_DA"), da_plan),
     )
 
 
