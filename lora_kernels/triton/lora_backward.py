@@ -7,9 +7,9 @@ reduction that spans programs writes fp32 partials that the launcher sums in a f
             Block rows and column groups are the launcher's (not autotuned), so the partial
             buffers and the summation order depend on the shape only.
 ``_da``     dA = dS^T dropout(x) / (1 - p): one pass over x, rows split into ``n_split``
-            chunks whose (r, in) partials the launcher sums.
-dX = dY W + keep * (dS A) / (1 - p) is :mod:`.lora_gemm`. It and dA read the keep bits the
-forward stored; neither runs Philox.
+            chunks whose (r, in) partials the launcher sums. Used above rank 32 or when x needs
+            no gradient; otherwise dA rides in the dX GEMM (:mod:`.lora_gemm`).
+Both read the keep bits the forward stored; neither runs Philox.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ if INTERPRETER:
 else:
     _w = [_ds_db_cfg(64, 8, 3), _ds_db_cfg(128, 8, 3), _ds_db_cfg(64, 4, 4)]
     DS_DB_CONFIGS = _common.ConfigTable(
-        {"base": _w, "r64": _w[:1], "split": [_ds_db_cfg(64, 4, 3), _ds_db_cfg(32, 4, 3)]}, launch_class)
+        {"base": _w, "r64": _w[:1], "split": [_ds_db_cfg(64, 4, 3)]}, launch_class)
     _a = [_da_cfg(64, 128, 4, 3), _da_cfg(128, 128, 8, 3), _da_cfg(64, 64, 4, 4)]
     DA_CONFIGS = _common.ConfigTable({"base": _a, "r64": _a, "split": [_a[0], _a[2]]}, launch_class)
 

@@ -1,26 +1,33 @@
 """lora_linear in Triton: ``y = x W^T + b + scaling * dropout(x) A^T B^T`` (the design is in
 docs/ARCHITECTURE.md; the static sm_90 profile and traffic model in benchmarks/README.md).
 
-Per training step (T tokens, in -> out, rank r, dropout p):
+Per training step (T tokens, in -> out, rank r, dropout p), kernels by :data:`KERNELS` name:
 
-forward   ``_shrink``    one pass over x: the keep-mask (one Philox call per 8 elements,
-                         stored as bits in extra columns of the saved ``s``) and S = dropout(x) A^T.
-          ``_fwd_gemm``  y = bias + scaling S B^T + x W^T, the LoRA term seeding the GEMM's fp32
-                         accumulator.
-backward  ``_ds_db``     one pass over dY: dS and dB (split partials, summed in fixed order).
-          ``_dx``        dX = dY W + keep * (dS A) / (1 - p), the masked LoRA term seeding the GEMM.
-          ``_da``        one pass over x and the mask bits: dA (split-K partials).
+forward   ``shrink``  one pass over x: the keep-mask (one Philox call per 8 elements, stored
+                      as bits in extra columns of the saved ``s``) and S = dropout(x) A^T.
+          ``fwd``     y = bias + scaling S B^T + x W^T: the LoRA term seeds the fp32
+                      accumulator of a persistent, TMA-fed GEMM (:mod:`.lora_gemm`).
+backward  ``ds_db``   one pass over dY: dS = scaling dY B and dB = scaling dY^T S (split
+                      partials, summed in a fixed order).
+          ``dx``      dX = dY W + keep * (dS A) / (1 - p), the same GEMM with the masked LoRA
+                      term seeding it; up to r = 32 it also reads x's tile and writes dA's
+                      partials (dA = dS^T dropout(x) / (1 - p)).
+          ``da``      above r = 32, or when x needs no gradient: dA in its own pass over x.
           dW = dY^T x and db = sum(dY) (only when asked for) are cuBLAS calls through torch.
 
-Passes over the (T, in) / (T, out) activations beyond the two base GEMMs: x twice (shrink, dA),
-dY once (dS/dB), the mask bits (1/8 of a bf16 x) written once, read twice. No atomics.
+Passes over (T, in) / (T, out) activations beyond the two base GEMMs: x once (shrink; dA's
+read of x rides inside the compute-bound dX GEMM), dY once (dS/dB), the mask words (1/8 of a
+bf16 x) written once and read twice. No atomics anywhere.
 
 Base GEMMs: fused in Triton for fp16/bf16 (:data:`TRITON_BASE_DTYPES`). The alternative,
-cuBLAS with beta = 1 onto a buffer holding bias + LoRA term (``y.addmm_(x, W^T)``), writes and
-re-reads a (T, out) and a (T, in) tensor per step, 128 MiB more traffic at T = 8192,
-in = out = 4096 in bf16 (about 5 % of the layer's modelled time): the fused GEMM wins as long
-as it stays within that of cuBLAS. fp32 bases take the cuBLAS route (tensor cores would need
-an fp32 emulation in the mainloop; cuBLAS also follows ``torch.backends.cuda.matmul``).
+cuBLAS with beta = 1 onto a buffer already holding bias + LoRA term (``y.addmm_(x, W^T)``),
+needs that buffer written by a kernel of its own, forward and for dX: 128 MiB of writes at
+T = 8192, in = out = 4096 in bf16 (28 us at 4.8 TB/s, 5 % of the two base GEMMs' modelled
+556 us; the GEMMs' reads of it ride along their compute), against 3 GFLOP of LoRA prologue per
+fused GEMM (3 us). So the fused GEMM wins as long as it is within about 4 % of cuBLAS. fp32
+bases take the cuBLAS route (this kernel's prologue-only mode, then ``addmm_``): tensor cores
+would need an fp32 emulation in the mainloop, and cuBLAS follows ``torch.backends``' TF32
+setting as ``F.linear`` does.
 
 LoRA dots: split-precision bf16 pieces on the tensor cores (see :mod:`.lora_dots`).
 Backend contract: ``forward``, ``backward``, ``not_supported_reasons`` (see the op), plus
