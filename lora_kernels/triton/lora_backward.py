@@ -42,7 +42,8 @@ def _da_cfg(bm, bn, warps, stages):
     return triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
 
 
-# Each config compiles for sm_90 without spills, with wgmma in every dot, for its class.
+# Each config compiles for sm_90 without spills, with wgmma in every dot, for its class (so
+# every dot's M is at least 64: BLOCK_M for dS, BLOCK_N for dB and dA).
 if INTERPRETER:
     DS_DB_CONFIGS = _common.ConfigTable(dict.fromkeys(("base", "r64", "split"), [_ds_db_cfg(32, 4, 1)]),
                                         launch_class)
