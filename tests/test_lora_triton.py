@@ -97,7 +97,8 @@ def test_broadcast_gradient_with_zero_strides():
 def test_strided_and_expanded_bias():
     """A bias that is a strided view or an expanded scalar (stride 0) is read by its strides."""
     x, w, _, a, bb = make_inputs(9, 20, 7, 4, torch.bfloat16)
-    for b in (torch.randn(14, dtype=torch.bfloat16)[::2], torch.randn(1, dtype=torch.bfloat16).expand(7)):
+    bf16 = torch.bfloat16
+    for b in (torch.randn(14, dtype=bf16)[::2], torch.randn(1, dtype=bf16).expand(7)):
         _run_and_check((x, w, b, a, bb), 0.5, 0.0, 0, ALL, torch.bfloat16, 9, 7, 20)
 
 
@@ -245,7 +246,8 @@ def test_grids_use_axis_0_only_at_huge_sizes(monkeypatch):
     is 1-D, below 2**31, so no axis can exceed the 65,535 limit of axes 1 and 2."""
     T, n = 1 << 22, 8192
     dev = "meta"
-    x, w = torch.empty(T, n, dtype=torch.bfloat16, device=dev), torch.empty(n, n, dtype=torch.bfloat16, device=dev)
+    x = torch.empty(T, n, dtype=torch.bfloat16, device=dev)
+    w = torch.empty(n, n, dtype=torch.bfloat16, device=dev)
     a, bb = torch.empty(256, n, device=dev), torch.empty(n, 256, device=dev)
     with _recorded_launches(monkeypatch, call_through=False) as launches:
         y, s = tr.forward(x, w, None, a, bb, 1.0, 0.1, 5)

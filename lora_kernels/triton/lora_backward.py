@@ -97,7 +97,8 @@ def _ds_db(
             tl.store(db_ptr + (row_block.to(tl.int64) * OUT + nn[:, None]) * R + rr, part * scaling,
                      mask=(nn[:, None] < OUT) & (rr < R))
     if NEED_DS:
-        tl.store(ds_ptr + (group.to(tl.int64) * T + rm) * R + rr, ds * scaling, mask=(rm < T) & (rr < R))
+        tl.store(ds_ptr + (group.to(tl.int64) * T + rm) * R + rr, ds * scaling,
+                 mask=(rm < T) & (rr < R))
 
 
 @triton.autotune(configs=DA_CONFIGS.all(), key=["T_KEY", "IN", "R", "HAS_DROPOUT"],
@@ -127,7 +128,8 @@ def _da(
         mm = m0 + rm
         xt = tl.load(x_ptr + mm * stride_xm + rn * stride_xk, mask=(mm < T) & (rn < IN), other=0.0)
         if HAS_DROPOUT:
-            keep = load_keep(mask_ptr, stride_mm, mm, pid_n * (BLOCK_N // 16), T, IN, BLOCK_M, BLOCK_N)
+            keep = load_keep(mask_ptr, stride_mm, mm, pid_n * (BLOCK_N // 16), T, IN,
+                             BLOCK_M, BLOCK_N)
             xt = tl.where(keep, xt, 0.0)
         dst = tl.load(ds_ptr + mm * R + rr, mask=(mm < T) & (rr < R), other=0.0)
         acc = split_dot(tl.trans(xt), dst, acc, NX, NS, ORDER, LT)

@@ -94,8 +94,10 @@ def _philox(c0, c1, k0, k1):
 def keep_bytes(seed_lo, seed_hi, thr, rows, groups):
     """Keep bytes (int32 0..255) of rows (BM, 1) x column groups (1, G): bit i of [m, g] keeps
     element (m, 8 g + i). One Philox call per byte."""
-    w0, w1, w2, w3 = _philox((groups + rows * 0).to(tl.uint32), (rows + groups * 0).to(tl.uint32),
-                             seed_lo.to(tl.uint32, bitcast=True), seed_hi.to(tl.uint32, bitcast=True))
+    c0 = (groups + rows * 0).to(tl.uint32)
+    c1 = (rows + groups * 0).to(tl.uint32)
+    w0, w1, w2, w3 = _philox(c0, c1, seed_lo.to(tl.uint32, bitcast=True),
+                             seed_hi.to(tl.uint32, bitcast=True))
     t = thr.to(tl.uint32)
     return _pair(w0, t) | (_pair(w1, t) << 2) | (_pair(w2, t) << 4) | (_pair(w3, t) << 6)
 

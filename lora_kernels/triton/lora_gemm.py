@@ -97,7 +97,8 @@ def lora_gemm(
         rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)[:, None]
         rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)[None, :]
         if FUSE_DA:  # first, so that x's tile is dead before the accumulator lives
-            xt = tl.load(x_ptr + rm * stride_xm + rn * stride_xk, mask=(rm < M) & (rn < N), other=0.0)
+            xt = tl.load(x_ptr + rm * stride_xm + rn * stride_xk, mask=(rm < M) & (rn < N),
+                         other=0.0)
             if HAS_MASK:
                 xt = tl.where(load_keep(mask_ptr, stride_mm, rm, pid_n * (BLOCK_N // 16), M, N,
                                         BLOCK_M, BLOCK_N), xt, 0.0)

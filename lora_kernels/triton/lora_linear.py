@@ -60,8 +60,8 @@ KERNELS = {"shrink": _shrink, "fwd": fwd_gemm, "ds_db": _ds_db, "dx": dx_gemm, "
 _F32 = torch.float32
 
 
-_TABLES = {"shrink": lora_forward.CONFIGS, "fwd": lora_gemm.CONFIGS, "ds_db": lora_backward.DS_DB_CONFIGS,
-           "dx": lora_gemm.CONFIGS, "da": lora_backward.DA_CONFIGS}
+_TABLES = {"shrink": lora_forward.CONFIGS, "fwd": lora_gemm.CONFIGS, "dx": lora_gemm.CONFIGS,
+           "ds_db": lora_backward.DS_DB_CONFIGS, "da": lora_backward.DA_CONFIGS}
 
 
 def _configs(kernel: str, **launch) -> list[triton.Config]:
@@ -209,7 +209,8 @@ def _grad_a(ds, x, mask, p, adt, t_key):
     plan = dot_plan(x.dtype, _F32, adt, adt)
     block_r = _block_r(R, plan[0])
     n_chunks, n_cols = triton.cdiv(R, block_r), triton.cdiv(IN, 64)
-    n_split = min(triton.cdiv(2 * num_sms(x.device), n_cols * n_chunks), triton.cdiv(T, ROW_QUANTUM))
+    n_split = min(triton.cdiv(2 * num_sms(x.device), n_cols * n_chunks),
+                  triton.cdiv(T, ROW_QUANTUM))
     split_rows = triton.cdiv(triton.cdiv(T, n_split), ROW_QUANTUM) * ROW_QUANTUM
     n_split = triton.cdiv(T, split_rows)
     part = torch.empty(n_split, R, IN, device=x.device, dtype=_F32)
