@@ -4,7 +4,8 @@
 
 forward: A = x (T, in), B = W^T, P = S (T, r), Q = B^T (r, out), factor = scaling, no keep.
 dX:      A = dY (T, out), B = W, P = dS (T, r), Q = A (r, in), factor = 1 / (1 - p), keep = the
-         stored dropout bits; no bias.
+         stored dropout bits; no bias. With ``FUSE_DA`` each tile also reads x's tile and
+         writes its share of dA (partials per DA_BLOCK_M rows, summed by the launcher).
 
 The LoRA term (a K = r dot in split precision, see :mod:`.lora_dots`) seeds the accumulator, so
 it never exists in memory on its own. Without ``HAS_BASE`` the kernel writes bias + LoRA term
