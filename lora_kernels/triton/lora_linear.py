@@ -17,7 +17,7 @@ backward  ``ds_db``   one pass over dY: dS = scaling dY B and dB = scaling dY^T 
 
 Passes over (T, in) / (T, out) activations beyond the two base GEMMs: x once (shrink; dA's
 read of x rides inside the compute-bound dX GEMM), dY once (dS/dB), the mask words (1/8 of a
-bf16 x) written once and read twice. No atomics anywhere.
+bf16 x) written once and read once (twice when dA takes its own pass). No atomics anywhere.
 
 Base GEMMs: fused in Triton for fp16/bf16 (:data:`TRITON_BASE_DTYPES`). The alternative,
 cuBLAS with beta = 1 onto a buffer already holding bias + LoRA term (``y.addmm_(x, W^T)``),
