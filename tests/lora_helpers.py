@@ -56,7 +56,8 @@ def mask_of(backend: str, T: int, in_f: int, p: float, seed: int, device="cpu") 
         _, s = mod.forward(x, torch.zeros(1, in_f, device=device), None, a,
                            torch.zeros(1, a.shape[0], device=device), 1.0, p, seed)
         s_r = s[:, : a.shape[0]]
-        assert torch.all((s_r == 0) | ((s_r - 1 / (1 - p)).abs() < 1e-5)), "s is not a scaled 0/1 mask"
+        scaled_01 = (s_r == 0) | ((s_r - 1 / (1 - p)).abs() < 1e-5)
+        assert torch.all(scaled_01), "s is not a scaled 0/1 mask"
         blocks.append(s_r != 0)
         if backend == "triton":
             from lora_kernels.triton.lora_dropout import unpack_keep

@@ -45,10 +45,10 @@ def _da_cfg(bm, bn, warps, stages):
 # Each config compiles for sm_90 without spills, with wgmma in every dot, for its class (so
 # every dot's M is at least 64: BLOCK_M for dS, BLOCK_N for dB and dA).
 if INTERPRETER:
-    DS_DB_CONFIGS = _common.ConfigTable(dict.fromkeys(("base", "r64", "split"), [_ds_db_cfg(32, 4, 1)]),
+    _CLASSES = ("base", "r64", "split")
+    DS_DB_CONFIGS = _common.ConfigTable(dict.fromkeys(_CLASSES, [_ds_db_cfg(32, 4, 1)]),
                                         launch_class)
-    DA_CONFIGS = _common.ConfigTable(dict.fromkeys(("base", "r64", "split"), [_da_cfg(32, 32, 4, 1)]),
-                                     launch_class)
+    DA_CONFIGS = _common.ConfigTable(dict.fromkeys(_CLASSES, [_da_cfg(32, 32, 4, 1)]), launch_class)
 else:
     _w = [_ds_db_cfg(64, 8, 3), _ds_db_cfg(128, 8, 3), _ds_db_cfg(64, 4, 4)]
     DS_DB_CONFIGS = _common.ConfigTable(

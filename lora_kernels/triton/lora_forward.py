@@ -64,7 +64,8 @@ def _shrink(
         if HAS_DROPOUT:
             g = k0 // 8 + tl.arange(0, BLOCK_K // 8)[None, :]
             b = keep_bytes(seed_lo, seed_hi, thr, rm, g)
-            store_bytes(mask_ptr, stride_mm, rm, g, b, (rm < T) & (g < 2 * tl.cdiv(IN, 16)) & (chunk == 0))
+            ok = (rm < T) & (g < 2 * tl.cdiv(IN, 16)) & (chunk == 0)
+            store_bytes(mask_ptr, stride_mm, rm, g, b, ok)
             xt = tl.where(expand_bits(b, BLOCK_M, BLOCK_K, 8), xt, 0.0)
         at = tl.load(a_ptr + rr * stride_ar + kk[:, None] * stride_ak,
                      mask=(rr < R) & (kk[:, None] < IN), other=0.0)
