@@ -49,7 +49,10 @@ def _lora_linear_op(
 @_lora_linear_op.register_fake
 def _(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend):
     y = x.new_empty(x.shape[0], weight.shape[0])
-    s = x.new_empty(x.shape[0], lora_A.shape[0], dtype=_s_dtype(lora_A.dtype))
+    # A backend may save more than S in s (the triton one: its packed dropout mask).
+    columns = getattr(backends.load(OP, backend), "saved_s_columns", None)
+    r = lora_A.shape[0] if columns is None else columns(x.shape[1], lora_A.shape[0], dropout_p)
+    s = x.new_empty(x.shape[0], r, dtype=_s_dtype(lora_A.dtype))
     return y, s
 
 
