@@ -142,6 +142,18 @@ def test_dq_recomputed_when_the_ds_workspace_is_too_large(monkeypatch, prefix, c
     _case(prefix, (4, 2, 24), (17, 23), causal, pad, dtype)
 
 
+@pytest.mark.parametrize("recompute", [False, True])
+def test_more_queries_than_keys(monkeypatch, recompute):
+    """Causal with Lq > Lk: the first Lq - Lk queries see no sequence key (only the prefix,
+    or nothing: output 0); no tile may start before key 0."""
+    from lora_kernels.triton import prefix_attention as T
+
+    if recompute:
+        monkeypatch.setattr(T, "DS_WORKSPACE_BYTES", 0)
+    _case((3, True) if recompute else (0, False), (4, 2, 24), (37, 12), True, True,
+          torch.float32)
+
+
 def test_lse_and_empty_rows():
     """LSE is the natural-log log-sum-exp; a row that sees no key gives 0 and -inf."""
     inputs = make_inputs(2, 4, 2, 5, 7, 0, 16, torch.float32, pad=True)

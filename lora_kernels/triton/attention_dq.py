@@ -77,7 +77,7 @@ def _dq_kernel(
                    spkn, spkd, offs_d, d_ok, True, False, MASK_D, DOT_FP32, BLOCK_P)
     if CAUSAL:
         hi = tl.minimum(Lk, tl.minimum(mb * BLOCK_M + BLOCK_M, Lq) + diag)
-        full = tl.minimum(mb * BLOCK_M + diag + 1, Lk) // BLOCK_N * BLOCK_N
+        full = tl.maximum(tl.minimum(mb * BLOCK_M + diag + 1, Lk), 0) // BLOCK_N * BLOCK_N
     else:
         hi = Lk
         full = Lk // BLOCK_N * BLOCK_N
@@ -168,7 +168,7 @@ def _dq_recompute_kernel(
                           True, False, False, MASK_D, DOT_FP32, BLOCK_P)
     if CAUSAL:
         hi = tl.minimum(Lk, tl.minimum(mb * BLOCK_M + BLOCK_M, Lq) + diag)
-        full = tl.minimum(mb * BLOCK_M + diag + 1, Lk) // BLOCK_N * BLOCK_N
+        full = tl.maximum(tl.minimum(mb * BLOCK_M + diag + 1, Lk), 0) // BLOCK_N * BLOCK_N
     else:
         hi = Lk
         full = Lk // BLOCK_N * BLOCK_N

@@ -105,7 +105,7 @@ def _fwd_kernel(
     # 2./3. sequence keys: the tiles every row sees (no masks), then the band up to `hi`
     if CAUSAL:
         hi = tl.minimum(Lk, tl.minimum(mb * BLOCK_M + BLOCK_M, Lq) + diag)
-        full = tl.minimum(mb * BLOCK_M + diag + 1, Lk) // BLOCK_N * BLOCK_N
+        full = tl.maximum(tl.minimum(mb * BLOCK_M + diag + 1, Lk), 0) // BLOCK_N * BLOCK_N
     else:
         hi = Lk
         full = Lk // BLOCK_N * BLOCK_N
