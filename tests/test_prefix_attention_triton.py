@@ -142,6 +142,33 @@ def test_dq_recomputed_when_the_ds_workspace_is_too_large(monkeypatch, prefix, c
     _case(prefix, (4, 2, 24), (17, 23), causal, pad, dtype)
 
 
+@pytest.mark.parametrize("budget,sms,prefix,causal,pad,dtype,lengths,rows,groups", [
+    # row slices of 16 queries (a causal one holds only the keys its rows see), 1-2 groups
+    (8192, 1, (13, False), True, True, torch.float32, (37, 41), [16, 16, 5], [1, 1, 2]),
+    # row slices of 4 groups; per-row prefix; the first rows see no sequence key
+    (20000, 8, (13, True), True, False, torch.float32, (37, 30), [16, 16, 5], [4, 2, 4]),
+    # whole groups, two per launch
+    (40000, 2, (5, False), False, True, torch.float32, (37, 41), [37], [2]),
+    (4096, 1, (0, False), True, False, torch.float16, (37, 41), [16, 16, 5], [2, 1, 4]),
+    # a row slice that sees no key and no prefix launches no dK/dV programs
+    (8192, 4, (0, False), True, True, torch.float32, (37, 12), [16, 16, 5], [4, 4, 4]),
+])
+def test_ds_workspace_in_slices(monkeypatch, budget, sms, prefix, causal, pad, dtype, lengths,
+                                rows, groups):
+    """The 5-matmul backward over slices of the (batch row, kv head) groups and of the query
+    rows, within a tiny dS budget (one buffer reused), dK/dV carried over in fp32."""
+    from lora_kernels.triton import attention_common as common
+    from lora_kernels.triton import prefix_attention as T
+
+    monkeypatch.setattr(T, "DS_WORKSPACE_BYTES", budget)
+    monkeypatch.setattr(T, "DS_MIN_SLICE_ROWS", 16)
+    monkeypatch.setattr(common, "sm_count", lambda device: sms)
+    plan = T.plan_ds(2, 2, 2, *lengths, prefix[0], causal, dtype, sms)
+    assert [s.row1 - s.row0 for s in plan.slices] == rows
+    assert [s.groups for s in plan.slices] == groups and plan.nbytes <= budget
+    _case(prefix, (4, 2, 24), lengths, causal, pad, dtype)
+
+
 @pytest.mark.parametrize("recompute", [False, True])
 def test_more_queries_than_keys(monkeypatch, recompute):
     """Causal with Lq > Lk: the first Lq - Lk queries see no sequence key (only the prefix,
@@ -365,19 +392,81 @@ def test_buffers_the_kernels_overwrite_are_not_zero_filled(monkeypatch, launches
                                                 "_delta_kernel", "_bwd_kv_kernel", "_dq_kernel"}
 
 
-def test_dq_path_follows_the_workspace_budget(monkeypatch, launches):
+def _named(kernel, args, kwargs):
+    return dict(zip(kernel.fn.arg_names, args), **kwargs)
+
+
+def test_ds_slices_cover_every_group_and_row_once(monkeypatch, launches):
+    """Within a small dS budget: per row slice (in order) and group slice, one dK/dV launch
+    and then the dQ launch of the same heads and rows; together they cover every (group,
+    query row) once; fp32 partials carried in (all but the first row slice) and out (all but
+    the last); the workspace (one buffer) within the budget."""
+    from lora_kernels.triton import attention_common as common
+    from lora_kernels.triton import prefix_attention as T
+
+    B, Hq, Hkv, Lq, Lk, P = 3, 4, 2, 70, 90, 13
+    budget = 40_000
+    monkeypatch.setattr(T, "DS_WORKSPACE_BYTES", budget)
+    monkeypatch.setattr(T, "DS_MIN_SLICE_ROWS", 16)
+    monkeypatch.setattr(common, "sm_count", lambda device: 16)
+    _forward_backward(*_meta_inputs(B, Hq, Hkv, Lq, Lk, P, 32))
+    names = [_name(k) for k, *_ in launches]
+    first = names.index("_delta_kernel") + 1
+    assert names[first:] == ["_bwd_kv_kernel", "_dq_kernel"] * ((len(names) - first) // 2)
+    covered, row_slices, workspaces = [], [], set()
+    for (kv, _, kv_args, kv_kw), (dq, _, dq_args, dq_kw) in zip(launches[first::2],
+                                                               launches[first + 1::2]):
+        a, d = _named(kv, kv_args, kv_kw), _named(dq, dq_args, dq_kw)
+        rows = (a["row0"], a["row1"])
+        assert (d["row0"], d["row1"]) == rows and d["head0"] == a["group0"] * (Hq // Hkv)
+        assert a["ACC_IN"] == (rows[0] > 0) and a["ACC_OUT"] == (rows[1] < Lq)
+        assert a["ds_head_stride"] == d["ds_head_stride"] == (rows[1] - rows[0]) * a["ds_rows"]
+        covered += [(g, r) for g in range(a["group0"], a["group0"] + a["n_groups"])
+                    for r in range(*rows)]
+        if not row_slices or row_slices[-1] != rows:
+            row_slices.append(rows)
+        workspaces.add(id(a["DS"]))
+        assert a["DS"] is d["DS"] and a["DS"].numel() * 2 <= budget
+    assert sorted(covered) == [(g, r) for g in range(B * Hkv) for r in range(Lq)]
+    assert len(row_slices) > 1 and row_slices == sorted(row_slices)
+    assert len(names) - first > 2 * len(row_slices)  # several group slices too
+    assert len(workspaces) == 1 and len(covered) == len(set(covered))
+
+
+def test_ds_plan_keeps_five_matmuls_at_long_lengths(monkeypatch):
+    """The GPU's configs (H200, 132 SMs), bf16, Hq 32, Hkv 8, P 32: up to 32 k keys the dS
+    path holds, within DS_WORKSPACE_BYTES, with launches of about 132 key-tile programs or
+    more (unless the whole problem is smaller); dQ recomputes only beyond that."""
+    from lora_kernels.triton import attention_common as common
+    from lora_kernels.triton import prefix_attention as T
+
+    monkeypatch.setattr(common, "max_tile", lambda kernel, name: max(
+        c.kwargs[name] for c in common.configs_for(kernel, interpreter=False)))
+    for B, L, causal in [(8, 1024, True), (8, 8192, True), (8, 8192, False), (1, 32768, True)]:
+        plan = T.plan_ds(B, 8, 4, L, L, 32, causal, torch.bfloat16)
+        assert plan is not None and plan.nbytes <= T.DS_WORKSPACE_BYTES, (B, L)
+        assert plan.slices[0].row0 == 0 and plan.slices[-1].row1 == L
+        for s in plan.slices[1:]:
+            assert s.row1 - s.row0 >= T.DS_MIN_SLICE_ROWS // 4
+            assert s.groups * -(-s.keys // 128) >= 120 or s.groups == B * 8, (B, L, s)
+    whole = T.plan_ds(8, 8, 4, 1024, 1024, 32, True, torch.bfloat16)  # the benchmark shape
+    assert len(whole.slices) == 1 and whole.slices[0].groups == 22
+    assert T.plan_ds(2, 8, 4, 200_000, 200_000, 32, True, torch.bfloat16) is None
+
+
+def test_dq_recomputes_when_no_slice_fits(monkeypatch, launches):
     from lora_kernels.triton import prefix_attention as T
 
     inputs = _meta_inputs(2, 4, 2, 40, 60, 13, 32)
     _forward_backward(*inputs)
-    assert "_dq_kernel" in {_name(k) for k, *_ in launches}
-    nbytes, _, width = T.ds_workspace(2, 4, 40, 60, 13, torch.bfloat16)
-    assert width % 16 == 0 and nbytes == 2 * 4 * 40 * width * 2
+    names = [_name(k) for k, *_ in launches]
+    assert names.count("_dq_kernel") == names.count("_bwd_kv_kernel") == 1
     launches.clear()
-    monkeypatch.setattr(T, "DS_WORKSPACE_BYTES", nbytes - 1)
+    monkeypatch.setattr(T, "DS_WORKSPACE_BYTES", 1000)
     _forward_backward(*inputs)
-    names = {_name(k) for k, *_ in launches}
+    names = [_name(k) for k, *_ in launches]
     assert "_dq_recompute_kernel" in names and "_dq_kernel" not in names
+    assert names.count("_bwd_kv_kernel") == 1
 
 
 def test_fp32_takes_the_small_tiles():

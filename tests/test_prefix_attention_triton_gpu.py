@@ -1,6 +1,6 @@
 """GPU checks of the Triton prefix-attention kernels at realistic sizes (skipped without a GPU):
 every kernel (forward, decode with and without split-K and its merge, delta, dK/dV with the
-prefix programs, dQ from the stored dS and recomputed) against the float64 oracle, with many
+prefix programs, dQ from the stored dS (whole and in slices) and recomputed) against the float64 oracle, with many
 tiles per program, tensor-core dots in fp16/bf16, odd head dims and lengths. One autotune config
 per specialisation (LORA_KERNELS_AUTOTUNE=0) keeps the compile time short; the benchmark
 autotunes."""
@@ -63,6 +63,22 @@ def test_dq_recomputed(monkeypatch):
     monkeypatch.setattr(T, "DS_WORKSPACE_BYTES", 0)
     inputs = make_inputs(2, 16, 4, 500, 600, 32, 128, torch.bfloat16, pad=True)
     _check(inputs, True, torch.randn(2, 16, 500, 128))
+
+
+@pytest.mark.parametrize("per_row,pad", [(False, True), (True, False)])
+def test_ds_workspace_in_slices(monkeypatch, per_row, pad):
+    """Row slices of several groups within a 4 MiB dS budget (planned as for 8 SMs), dK/dV
+    and the prefix gradient carried over in fp32."""
+    from lora_kernels.triton import attention_common as common
+    from lora_kernels.triton import prefix_attention as T
+
+    monkeypatch.setattr(T, "DS_WORKSPACE_BYTES", 4 << 20)
+    monkeypatch.setattr(common, "sm_count", lambda device: 8)
+    plan = T.plan_ds(2, 4, 4, 1000, 1100, 32, True, torch.bfloat16, 8)
+    assert plan.rows_sliced and plan.slices[0].groups < 8
+    inputs = make_inputs(2, 16, 4, 1000, 1100, 32, 128, torch.bfloat16, per_row=per_row,
+                         pad=pad)
+    _check(inputs, True, torch.randn(2, 16, 1000, 128))
 
 
 def test_deterministic():

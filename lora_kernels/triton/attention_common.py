@@ -97,9 +97,10 @@ def _signature(c: triton.Config) -> tuple:
     return tuple(sorted(c.kwargs.items())), c.num_warps, c.num_stages
 
 
-def autotune(kernel: str, key: list[str]):
+def autotune(kernel: str, key: list[str], restore: list[str] | None = None):
     """triton.autotune over ``configs_for(kernel)``, pruned to the rows that serve the launch's
-    BLOCK_D; LORA_KERNELS_AUTOTUNE=0 keeps only the first (quick GPU tests)."""
+    BLOCK_D; LORA_KERNELS_AUTOTUNE=0 keeps only the first (quick GPU tests). ``restore``: the
+    arguments a launch may update in place, restored after each timed run."""
 
     def prune(configs, named_args, **kwargs):
         block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
@@ -111,7 +112,7 @@ def autotune(kernel: str, key: list[str]):
             keep = keep[:1]
         return keep
 
-    tune = triton.autotune(configs=configs_for(kernel), key=key,
+    tune = triton.autotune(configs=configs_for(kernel), key=key, restore_value=restore,
                            prune_configs_by={"early_config_prune": prune})
 
     def decorate(fn):

@@ -2,7 +2,8 @@
 of a head in descending order (the longest causal ones start first). Two kernels:
 
 - `_dq_kernel`: dQ = scale * dS [K_prefix; K] from the dS the dK/dV kernel stored
-  (attention_backward.py): one matmul per key tile, no exponentials; reads dS once.
+  (attention_backward.py) for one slice of query heads and rows: one matmul per key tile, no
+  exponentials; reads dS once.
 - `_dq_recompute_kernel`: when no dS was stored, recomputes S = Q K^T and dP = dO V^T per key
   tile (three matmuls), FlashAttention-2's separate dQ pass.
 
@@ -20,16 +21,18 @@ from .attention_common import LOG2E, dot, load_tile, store_tile
 
 
 @triton.jit
-def _ds_steps(dq, ds_ptr, k_ptr, lo, hi, n_limit, last_key, m_ok, offs_m, ds_rows,
+def _ds_steps(dq, ds_ptr, k_ptr, lo, hi, n_limit, last_key, m_ok, rel_m, ds_rows,
               skn, skd, offs_d, d_ok, MASKED: tl.constexpr, CAUSAL: tl.constexpr,
               MASK_D: tl.constexpr, DOT_FP32: tl.constexpr, BLOCK_N: tl.constexpr):
-    """dq += dS[:, tile] @ K[tile] over the key tiles [lo, hi). Off the band every stored
-    entry is read; on it only the visible ones (the rest may never have been written)."""
+    """dq += dS[:, tile] @ K[tile] over the key tiles [lo, hi); the tile's dS rows at
+    ds_ptr + rel_m * ds_rows (int32: the workspace is < 2^31 elements). Off the band every
+    stored entry is read; on it only the visible ones (the rest may never have been
+    written)."""
     offs_n = tl.arange(0, BLOCK_N)
     for start in range(lo, hi, BLOCK_N):
         cols = start + offs_n
         col_ok = cols < n_limit
-        ds_ptrs = ds_ptr + offs_m[:, None] * ds_rows + cols[None, :]
+        ds_ptrs = ds_ptr + rel_m[:, None] * ds_rows + cols[None, :]
         if MASKED:
             keep = m_ok[:, None] & col_ok[None, :]
             if CAUSAL:
@@ -44,48 +47,54 @@ def _ds_steps(dq, ds_ptr, k_ptr, lo, hi, n_limit, last_key, m_ok, offs_m, ds_row
 
 
 @common.autotune("bwd_dq", key=["LQ_KEY", "LK_KEY", "P_KEY", "BLOCK_D", "CAUSAL"])
-@triton.jit
+@triton.jit(do_not_specialize=["head0", "row0", "row1"])  # one compile for every slice
 def _dq_kernel(
-    DS, K, PK, DQ, Hq, G, Lq, Lk, P, scale, ds_seq_col, ds_rows,
+    DS, K, PK, DQ, head0, row0, row1, Hq, G, Lq, Lk, P, scale, ds_seq_col, ds_rows,
+    ds_head_stride,
     skb, skh, skn, skd, spkb, spkh, spkn, spkd, sdqb, sdqh, sdqm, sdqd,
     LQ_KEY, LK_KEY, P_KEY,
     CAUSAL: tl.constexpr, DOT_FP32: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
+    """Query heads head0 + [0, n) (head = batch row * Hq + query head), rows [row0, row1)
+    (a multiple of BLOCK_M, but row1 = Lq); their dS in DS: head - head0 (ds_head_stride
+    apart), row - row0."""
     MASK_D: tl.constexpr = BLOCK_D != HEAD_DIM
     pid = tl.program_id(0)
-    n_m = tl.cdiv(Lq, BLOCK_M)
-    bh = pid // n_m
-    mb = n_m - 1 - pid % n_m
+    n_m = tl.cdiv(row1 - row0, BLOCK_M)
+    local = pid // n_m
+    bh = head0 + local
+    m0 = row0 + (n_m - 1 - pid % n_m) * BLOCK_M
     b = (bh // Hq).to(tl.int64)
     h = (bh % Hq).to(tl.int64)
     hk = h // G
-    offs_m = mb * BLOCK_M + tl.arange(0, BLOCK_M)
-    m_ok = offs_m < Lq
+    rel_m = tl.arange(0, BLOCK_M)
+    offs_m = m0 + rel_m
+    m_ok = offs_m < row1
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
     diag = Lk - Lq
     last_key = offs_m + diag
-    ds_ptr = DS + bh.to(tl.int64) * Lq * ds_rows
+    ds_ptr = DS + local.to(tl.int64) * ds_head_stride + (m0 - row0) * ds_rows
     dq = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     pk_ptr = PK + b * spkb + hk * spkh
     p_full = P // BLOCK_P * BLOCK_P
-    dq = _ds_steps(dq, ds_ptr, pk_ptr, 0, p_full, P, last_key, m_ok, offs_m, ds_rows,
+    dq = _ds_steps(dq, ds_ptr, pk_ptr, 0, p_full, P, last_key, m_ok, rel_m, ds_rows,
                    spkn, spkd, offs_d, d_ok, False, False, MASK_D, DOT_FP32, BLOCK_P)
-    dq = _ds_steps(dq, ds_ptr, pk_ptr, p_full, P, P, last_key, m_ok, offs_m, ds_rows,
+    dq = _ds_steps(dq, ds_ptr, pk_ptr, p_full, P, P, last_key, m_ok, rel_m, ds_rows,
                    spkn, spkd, offs_d, d_ok, True, False, MASK_D, DOT_FP32, BLOCK_P)
     if CAUSAL:
-        hi = tl.minimum(Lk, tl.minimum(mb * BLOCK_M + BLOCK_M, Lq) + diag)
-        full = tl.maximum(tl.minimum(mb * BLOCK_M + diag + 1, Lk), 0) // BLOCK_N * BLOCK_N
+        hi = tl.minimum(Lk, tl.minimum(m0 + BLOCK_M, Lq) + diag)
+        full = tl.maximum(tl.minimum(m0 + diag + 1, Lk), 0) // BLOCK_N * BLOCK_N
     else:
         hi = Lk
         full = Lk // BLOCK_N * BLOCK_N
     k_ptr = K + b * skb + hk * skh
     ds_ptr += ds_seq_col
-    dq = _ds_steps(dq, ds_ptr, k_ptr, 0, full, Lk, last_key, m_ok, offs_m, ds_rows,
+    dq = _ds_steps(dq, ds_ptr, k_ptr, 0, full, Lk, last_key, m_ok, rel_m, ds_rows,
                    skn, skd, offs_d, d_ok, False, False, MASK_D, DOT_FP32, BLOCK_N)
-    dq = _ds_steps(dq, ds_ptr, k_ptr, full, hi, Lk, last_key, m_ok, offs_m, ds_rows,
+    dq = _ds_steps(dq, ds_ptr, k_ptr, full, hi, Lk, last_key, m_ok, rel_m, ds_rows,
                    skn, skd, offs_d, d_ok, True, CAUSAL, MASK_D, DOT_FP32, BLOCK_N)
     store_tile(DQ + b * sdqb + h * sdqh + offs_m[:, None] * sdqm + offs_d[None, :] * sdqd,
                (dq * scale).to(DQ.dtype.element_ty), m_ok, d_ok, True, MASK_D)
@@ -185,5 +194,6 @@ def _dq_recompute_kernel(
                (dq * scale).to(DQ.dtype.element_ty), m_ok, d_ok, True, MASK_D)
 
 
-def dq_grid(B: int, Hq: int, Lq: int):
-    return lambda meta: (triton.cdiv(Lq, meta["BLOCK_M"]) * B * Hq,)
+def dq_grid(heads: int, rows: int):
+    """One program per query tile of ``rows`` rows of each of ``heads`` query heads."""
+    return lambda meta: (triton.cdiv(rows, meta["BLOCK_M"]) * heads,)

@@ -7,7 +7,9 @@ tutorial (own code). This module plans and launches; the kernels live in
 - attention_decode.py: forward for Lq <= 16 (query heads of a kv head packed in one tile,
   split-K over the keys with a deterministic LSE merge);
 - attention_backward.py: delta, then dK/dV with the prefix gradient in the same launch
-  (5-matmul backward, dS stored for dQ); attention_dq.py: dQ.
+  (5-matmul backward, dS stored for dQ); attention_dq.py: dQ. The dS workspace is bounded
+  (DS_WORKSPACE_BYTES): both run over slices of the (batch row, kv head) groups and, when a
+  group's dS exceeds it, of the query rows (`plan_ds`); memory stays linear in the length.
 
 Layout: q (B, Hq, Lq, D); k, v (B, Hkv, Lk, D); prefix_k/v (Bp, Hkv, P, D) with Bp in {1, B}
 (a shared prefix is read with batch stride 0, never expanded); key_padding_mask (B, Lk) bool.
@@ -20,6 +22,7 @@ with a 1-D grid, and no kernel uses atomics: results are deterministic.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import triton
@@ -32,8 +35,15 @@ from .attention_dq import _dq_kernel, _dq_recompute_kernel, dq_grid
 from .attention_forward import forward_prefill
 
 DECODE_MAX_LQ = 16  # forward of at most this many queries takes the decode kernel
-# Largest dS workspace (bytes) the backward allocates; above it dQ recomputes S and dP.
-DS_WORKSPACE_BYTES = 1 << 30
+# The dS workspace of the backward (bytes): one buffer, reused by every slice (plan_ds). At
+# the benchmark shape (B8 Hq32 Hkv8 L1024 P32 D128 bf16, 553 MB of dS) three slices of 21-22
+# groups, 168+ programs each; at L = 8192 slices of 1280 query rows of 3 groups.
+DS_WORKSPACE_BYTES = 256 << 20
+# Fewest query rows x query heads of a group per row slice: a slice re-reads and re-writes
+# the fp32 dK, dV partials (16 D bytes per key) and that costs, per dS element, about
+# 400 D / (rows x G) FLOP-equivalents at the H200's balance: past this point, recomputing
+# S and dP in the dQ pass (4 D FLOPs per element) is cheaper (benchmarks/README.md).
+DS_MIN_SLICE_ROWS = 1024
 
 
 CAPABILITIES = Capabilities(devices=("cuda", "cpu"),
@@ -64,13 +74,82 @@ def forward(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale):
     return out, lse
 
 
-def ds_workspace(B: int, Hq: int, Lq: int, Lk: int, P: int, dtype: torch.dtype
-                 ) -> tuple[int, int, int]:
-    """(bytes, column of the first sequence key, row length) of the dS workspace
-    (B, Hq, Lq, row length): the prefix columns, then the sequence's, each start 16-aligned."""
+@dataclass(frozen=True)
+class DsSlice:
+    """Query rows [row0, row1) of ``groups`` (batch row, kv head) groups per launch; their
+    rows see the first ``keys`` sequence keys; a dS row holds ``width`` elements (the prefix's
+    columns, then those keys')."""
+
+    row0: int
+    row1: int
+    keys: int
+    width: int
+    groups: int
+
+
+@dataclass(frozen=True)
+class DsPlan:
+    """The slices of the backward, row slice by row slice (each over all the groups), and the
+    column of the first sequence key in a dS row (16-aligned, as every row length)."""
+
+    seq_col: int
+    slices: tuple[DsSlice, ...]
+    head_row_bytes: int  # bytes per dS element, times G
+
+    @property
+    def nbytes(self) -> int:
+        """The workspace: the largest slice."""
+        return max(s.groups * (s.row1 - s.row0) * s.width * self.head_row_bytes
+                   for s in self.slices)
+
+    @property
+    def rows_sliced(self) -> bool:
+        return len(self.slices) > 1
+
+
+def ds_row_align() -> int:
+    """A slice of query rows starts at a multiple of every query tile of the dK/dV and dQ
+    configs (all powers of two)."""
+    return max(common.max_tile("bwd_kv", "BLOCK_M"), common.max_tile("bwd_kv", "BLOCK_MP"),
+               common.max_tile("bwd_dq", "BLOCK_M"))
+
+
+def plan_ds(B: int, Hkv: int, G: int, Lq: int, Lk: int, P: int, causal: bool,
+            dtype: torch.dtype, sms: int = 132, budget: int | None = None) -> DsPlan | None:
+    """The slices of the dS workspace (at most ``budget`` bytes, DS_WORKSPACE_BYTES by
+    default), or None (dQ recomputes S and dP) when neither one whole group nor a slice of
+    DS_MIN_SLICE_ROWS / G rows of one fits (about 130 k keys at 256 MiB, bf16).
+
+    Whole groups while enough of them fit for their key tiles to fill the ``sms`` SMs. Else
+    slices of query rows, as many as fill the SMs within the budget, whose dK, dV carry over
+    in fp32; a causal slice's dS holds only the keys its rows see, so the first slices take
+    more groups per launch. Group counts and row counts are balanced."""
+    budget = DS_WORKSPACE_BYTES if budget is None else budget
+    budget = min(budget, 2**31 - 1)  # the kernels address the workspace with int32 offsets
+    head_bytes = G * torch.empty((), dtype=dtype).element_size()
     seq_col = triton.cdiv(P, 16) * 16
-    width = seq_col + triton.cdiv(Lk, 16) * 16
-    return B * Hq * Lq * width * torch.empty((), dtype=dtype).element_size(), seq_col, width
+    block_n = common.max_tile("bwd_kv", "BLOCK_N")
+    groups = B * Hkv
+
+    def piece(row0, row1):
+        keys = min(Lk, max(0, row1 + Lk - Lq)) if causal else Lk
+        width = seq_col + triton.cdiv(keys, 16) * 16
+        n = min(groups, budget // max(1, (row1 - row0) * width * head_bytes))
+        return DsSlice(row0, row1, keys, width, triton.cdiv(groups, triton.cdiv(groups, n))
+                       if n else 0)
+
+    whole = piece(0, Lq)
+    if whole.groups == groups or whole.groups * triton.cdiv(Lk, block_n) >= sms:
+        return DsPlan(seq_col, (whole,), head_bytes)
+    align = ds_row_align()
+    rows = min(budget // (sms * block_n * head_bytes),  # their key tiles fill the SMs
+               budget // (whole.width * head_bytes))  # one group's last slice fits
+    rows = rows // align * align
+    if rows * G < DS_MIN_SLICE_ROWS or rows == 0:
+        return DsPlan(seq_col, (whole,), head_bytes) if whole.groups else None
+    rows = triton.cdiv(triton.cdiv(Lq, triton.cdiv(Lq, rows)), align) * align  # balanced
+    return DsPlan(seq_col, tuple(piece(r, min(Lq, r + rows)) for r in range(0, Lq, rows)),
+                  head_bytes)
 
 
 def backward(dout, q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse, causal, scale):
@@ -86,6 +165,8 @@ def backward(dout, q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse, caus
     prefix = common.Prefix(prefix_k, prefix_v, q)
     padding = common.Padding(key_padding_mask, q)
     P = prefix.P
+    plan = plan_ds(B, Hkv, G, Lq, Lk, P, causal, q.dtype, common.sm_count(q.device))
+    rows_sliced = plan is not None and plan.rows_sliced
     dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     dk = torch.empty(k.shape, dtype=k.dtype, device=q.device)
     dv = torch.empty(v.shape, dtype=v.dtype, device=q.device)
@@ -93,8 +174,9 @@ def backward(dout, q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse, caus
     if prefix_k is not None:
         dpk = torch.empty(prefix_k.shape, dtype=prefix_k.dtype, device=q.device)
         dpv = torch.empty(prefix_v.shape, dtype=prefix_v.dtype, device=q.device)
-    # a prefix shared by B > 1 rows: one fp32 partial per row, summed below in a fixed order
-    partial = prefix.present and prefix.shared and B > 1
+    # fp32 prefix partials, reduced below in a fixed order: one per batch row for a prefix
+    # shared by B > 1 rows; and whenever query rows are sliced (carried from slice to slice)
+    partial = prefix.present and ((prefix.shared and B > 1) or rows_sliced)
     if partial:
         dpk_x = torch.empty((B, Hkv, P, D), dtype=torch.float32, device=q.device)
         dpv_x = torch.empty_like(dpk_x)
@@ -102,45 +184,59 @@ def backward(dout, q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse, caus
         dpk_x, dpv_x = dpk, dpv
     else:
         dpk_x = dpv_x = dq  # not written: no prefix programs
+    dk_acc = dv_acc = dk  # fp32 dK, dV of the row slices so far (when rows are sliced)
+    if rows_sliced:
+        dk_acc = torch.empty((B * Hkv, Lk, D), dtype=torch.float32, device=q.device)
+        dv_acc = torch.empty_like(dk_acc)
     lse = lse.to(torch.float32).contiguous()
     delta = torch.empty((B, Hq, Lq), dtype=torch.float32, device=q.device)
-    ds_bytes, ds_seq_col, ds_rows = ds_workspace(B, Hq, Lq, Lk, P, q.dtype)
-    store_ds = ds_bytes <= DS_WORKSPACE_BYTES
-    ds = torch.empty(ds_bytes // q.element_size(), dtype=q.dtype, device=q.device) \
-        if store_ds else dq
+    if plan is None:  # dQ recomputes S and dP: one launch, nothing stored
+        ds, seq_col, slices = dq, 0, (DsSlice(0, Lq, Lk, 0, B * Hkv),)
+    else:
+        ds = torch.empty(plan.nbytes // q.element_size(), dtype=q.dtype, device=q.device)
+        seq_col, slices = plan.seq_col, plan.slices
     block_d = common.block_d(D)
     keys = (common.bucket(Lq), common.bucket(Lk), common.bucket(P))
     flags = dict(DOT_FP32=common.dot_fp32(q.dtype), HEAD_DIM=D, BLOCK_D=block_d)
+    n_p = triton.cdiv(P, prefix.block)
+    block_dh = min(block_d, common.MAX_GRAD_TILE_D)  # dK, dV by parts of the head dim
+    parts = block_d // block_dh
     with common.device_guard(q):
         common.launch(
             _delta_kernel, (B * Hq * triton.cdiv(Lq, DELTA_ROWS),),
             out, dout, delta, Hq, Lq, *out.stride(), *dout.stride(),
             HEAD_DIM=D, BLOCK_M=DELTA_ROWS, BLOCK_D=block_d,
         )
-        n_prefix = triton.cdiv(P, prefix.block) * B * Hkv
-        block_dh = min(block_d, common.MAX_GRAD_TILE_D)  # dK, dV by parts of the head dim
-        parts = block_d // block_dh
-        grid = lambda meta: (n_prefix + triton.cdiv(Lk, meta["BLOCK_N"]) * B * Hkv * parts,)
-        common.launch(
-            _bwd_kv_kernel, grid,
-            q, k, v, prefix.k, prefix.v, dout, lse, delta, padding.mask, dk, dv, dpk_x, dpv_x,
-            ds, B, Hq, Hkv, G, Lq, Lk, P, float(scale), ds_seq_col, ds_rows,
-            *q.stride(), *k.stride(), *v.stride(), *prefix.k_strides, *prefix.v_strides,
-            *dout.stride(), *padding.strides, *dk.stride(), *dv.stride(),
-            *dpk_x.stride(), *dpv_x.stride(), *keys,
-            CAUSAL=bool(causal), HAS_PAD=padding.present, STORE_DS=store_ds,
-            BLOCK_P=prefix.block, BLOCK_DH=block_dh, **flags,
-        )
-        if store_ds:
+        for sl in slices:
+            for group0 in range(0, B * Hkv, sl.groups):
+                n = min(sl.groups, B * Hkv - group0)
+                grid = lambda meta, n=n, sl=sl: (
+                    n * (n_p + triton.cdiv(sl.keys, meta["BLOCK_N"]) * parts),)
+                if n_p or sl.keys:  # else these rows see no key: their dS is not read
+                    common.launch(
+                        _bwd_kv_kernel, grid,
+                        q, k, v, prefix.k, prefix.v, dout, lse, delta, padding.mask, dk, dv,
+                        dpk_x, dpv_x, dk_acc, dv_acc, ds,
+                        group0, n, sl.row0, sl.row1, sl.keys, Hq, Hkv, G, Lq, Lk, P,
+                        float(scale), seq_col, sl.width, (sl.row1 - sl.row0) * sl.width, D,
+                        *q.stride(), *k.stride(), *v.stride(), *prefix.k_strides,
+                        *prefix.v_strides, *dout.stride(), *padding.strides, *dk.stride(),
+                        *dv.stride(), *dpk_x.stride(), *dpv_x.stride(), *keys,
+                        CAUSAL=bool(causal), HAS_PAD=padding.present,
+                        STORE_DS=plan is not None, ACC_IN=sl.row0 > 0, ACC_OUT=sl.row1 < Lq,
+                        BLOCK_P=prefix.block, BLOCK_DH=block_dh, **flags,
+                    )
+                if plan is not None:
+                    common.launch(
+                        _dq_kernel, dq_grid(n * G, sl.row1 - sl.row0),
+                        ds, k, prefix.k, dq, group0 * G, sl.row0, sl.row1, Hq, G, Lq, Lk, P,
+                        float(scale), seq_col, sl.width, (sl.row1 - sl.row0) * sl.width,
+                        *k.stride(), *prefix.k_strides, *dq.stride(), *keys,
+                        CAUSAL=bool(causal), BLOCK_P=prefix.block, **flags,
+                    )
+        if plan is None:
             common.launch(
-                _dq_kernel, dq_grid(B, Hq, Lq),
-                ds, k, prefix.k, dq, Hq, G, Lq, Lk, P, float(scale), ds_seq_col, ds_rows,
-                *k.stride(), *prefix.k_strides, *dq.stride(), *keys,
-                CAUSAL=bool(causal), BLOCK_P=prefix.block, **flags,
-            )
-        else:
-            common.launch(
-                _dq_recompute_kernel, dq_grid(B, Hq, Lq),
+                _dq_recompute_kernel, dq_grid(B * Hq, Lq),
                 q, k, v, prefix.k, prefix.v, padding.mask, dout, lse, delta, dq,
                 Hq, G, Lq, Lk, P, float(scale),
                 *q.stride(), *k.stride(), *v.stride(), *prefix.k_strides, *prefix.v_strides,
@@ -148,6 +244,7 @@ def backward(dout, q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse, caus
                 CAUSAL=bool(causal), HAS_PAD=padding.present, BLOCK_P=prefix.block, **flags,
             )
     if partial:
-        dpk.copy_(dpk_x.sum(0, keepdim=True))
-        dpv.copy_(dpv_x.sum(0, keepdim=True))
+        reduce = (lambda x: x.sum(0, keepdim=True)) if prefix.shared else (lambda x: x)
+        dpk.copy_(reduce(dpk_x))
+        dpv.copy_(reduce(dpv_x))
     return dq, dk, dv, dpk, dpv
