@@ -11,7 +11,8 @@ Only where 128 query rows of one group exceed the budget is nothing stored, and 
 recomputes S and dP (seven matmuls).
 
 Launches: delta = rowsum(dO * O); then per slice one dK/dV launch whose 1-D grid holds
-  - first, the prefix programs, one per (prefix tile of width BLOCK_P, group of the slice):
+  - first, the prefix programs, one per (prefix tile of width BLOCK_P, group of the slice,
+    part of the head dim: halves at D > 128, S and dP over all of it, dS stored by one):
     they loop over the group's query heads and the slice's query tiles, with the accumulators
     transposed (dK^T, dV^T: the head dim is the M side of the matmuls, so a 32-wide prefix
     tile still runs on wgmma); a shared prefix gets one fp32 partial per batch row, summed
@@ -115,33 +116,69 @@ def _key_tile_steps(k, v, dk, dv, offs_n, ds_n_ok, keep_n, q_ptr, do_ptr, lse_pt
 
 
 @triton.jit
-def _prefix_tile_steps(pk, pv, dkt, dvt, offs_p, p_ok, q_ptr, do_ptr, lse_ptr, delta_ptr,
-                       ds_ptr, first, n_tiles, G, Lq, sqh, sqm, sqd, sdoh, sdom, sdod, ds_rows,
-                       ds_head_stride, offs_d, d_ok, qk_scale, MASK_ROWS: tl.constexpr,
-                       STORE_DS: tl.constexpr, MASK_D: tl.constexpr, DOT_FP32: tl.constexpr,
-                       BLOCK_M: tl.constexpr, STAGES: tl.constexpr):
-    """dK^T, dV^T (BLOCK_D, BLOCK_P) of one prefix tile, over (head, query tile) as in
+def _chunked_dot_t(a_ptr, sam, sad, offs_m, m_ok, b_ptr, sbn, sbd, offs_n, n_ok,
+                   HEAD_DIM: tl.constexpr, MASK_ROWS: tl.constexpr, DOT_FP32: tl.constexpr,
+                   BLOCK_C: tl.constexpr):
+    """a @ b^T (M, N) over the head dim in chunks of BLOCK_C, each chunk of a (M, BLOCK_C) and
+    b (N, BLOCK_C) loaded just before its product: no whole (M, D) tile is live at once."""
+    acc = tl.zeros([offs_m.shape[0], offs_n.shape[0]], tl.float32)
+    offs_c = tl.arange(0, BLOCK_C)
+    for c in tl.static_range(0, HEAD_DIM, BLOCK_C):
+        cols = c + offs_c
+        c_ok = cols < HEAD_DIM
+        a = load_tile(a_ptr + offs_m[:, None] * sam + cols[None, :] * sad, m_ok, c_ok,
+                      MASK_ROWS, c + BLOCK_C > HEAD_DIM)
+        b = load_tile(b_ptr + offs_n[:, None] * sbn + cols[None, :] * sbd, n_ok, c_ok, True,
+                      c + BLOCK_C > HEAD_DIM)
+        acc += dot(a, tl.trans(b), DOT_FP32)
+    return acc
+
+
+@triton.jit
+def _prefix_tile_steps(pk, pv, pk_ptr, pv_ptr, spkn, spkd, spvn, spvd, dkt, dvt, offs_p, p_ok,
+                       q_ptr, do_ptr, lse_ptr, delta_ptr, ds_ptr, first, n_tiles, G, Lq, sqh,
+                       sqm, sqd, sdoh, sdom, sdod, ds_rows, ds_head_stride, offs_d, d_ok,
+                       offs_dh, dh_ok, ds_now, qk_scale, MASK_ROWS: tl.constexpr,
+                       STORE_DS: tl.constexpr, MASK_D: tl.constexpr, SPLIT_D: tl.constexpr,
+                       DOT_FP32: tl.constexpr, BLOCK_M: tl.constexpr, STAGES: tl.constexpr,
+                       HEAD_DIM: tl.constexpr, BLOCK_C: tl.constexpr):
+    """dK^T, dV^T (BLOCK_DH, BLOCK_P) of one prefix tile, over (head, query tile) as in
     _key_tile_steps (every query sees the prefix: no causal or padding mask). BLOCK_M is
     16 x num_warps (the M side of Q pk^T on wgmma, computed once); STAGES pipeline stages
-    (fewer than the sequence loops': its tiles are larger)."""
+    (fewer than the sequence loops': its tiles are larger). With SPLIT_D, the head dims
+    offs_dh only, as there, and the scores by chunks of BLOCK_C from pk_ptr, pv_ptr (pk, pv
+    unused)."""
     offs_mb = tl.arange(0, BLOCK_M)
     for t in tl.range(0, G * n_tiles, num_stages=STAGES):
         g = t // n_tiles
         rel_m = (t - g * n_tiles) * BLOCK_M + offs_mb
         offs_m = first + rel_m
         m_ok = offs_m < Lq
-        q = load_tile(q_ptr + g * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
-                      m_ok, d_ok, MASK_ROWS, MASK_D)
-        do = load_tile(do_ptr + g * sdoh + offs_m[:, None] * sdom + offs_d[None, :] * sdod,
-                       m_ok, d_ok, MASK_ROWS, MASK_D)
         lse2, delta = _row_stats(lse_ptr + g * Lq, delta_ptr + g * Lq, offs_m, m_ok, MASK_ROWS)
-        p = tl.exp2(dot(q, tl.trans(pk), DOT_FP32) * qk_scale - lse2[:, None])  # (M, BLOCK_P)
-        dvt += dot(tl.trans(do), p.to(do.dtype), DOT_FP32)
-        ds = p * (dot(do, tl.trans(pv), DOT_FP32) - delta[:, None])
-        dkt += dot(tl.trans(q), ds.to(q.dtype), DOT_FP32)
+        if SPLIT_D:  # Q pk^T, dO pv^T by head-dim chunks (whole tiles spilled), then halves
+            s = _chunked_dot_t(q_ptr + g * sqh, sqm, sqd, offs_m, m_ok, pk_ptr, spkn, spkd,
+                               offs_p, p_ok, HEAD_DIM, MASK_ROWS, DOT_FP32, BLOCK_C)
+            dp = _chunked_dot_t(do_ptr + g * sdoh, sdom, sdod, offs_m, m_ok, pv_ptr, spvn,
+                                spvd, offs_p, p_ok, HEAD_DIM, MASK_ROWS, DOT_FP32, BLOCK_C)
+            q_h = load_tile(q_ptr + g * sqh + offs_m[:, None] * sqm + offs_dh[None, :] * sqd,
+                            m_ok, dh_ok, MASK_ROWS, MASK_D)
+            do_h = load_tile(do_ptr + g * sdoh + offs_m[:, None] * sdom
+                             + offs_dh[None, :] * sdod, m_ok, dh_ok, MASK_ROWS, MASK_D)
+        else:
+            q_h = load_tile(q_ptr + g * sqh + offs_m[:, None] * sqm + offs_d[None, :] * sqd,
+                            m_ok, d_ok, MASK_ROWS, MASK_D)
+            do_h = load_tile(do_ptr + g * sdoh + offs_m[:, None] * sdom
+                             + offs_d[None, :] * sdod, m_ok, d_ok, MASK_ROWS, MASK_D)
+            s = dot(q_h, tl.trans(pk), DOT_FP32)
+            dp = dot(do_h, tl.trans(pv), DOT_FP32)
+        p = tl.exp2(s * qk_scale - lse2[:, None])  # (M, BLOCK_P)
+        dvt += dot(tl.trans(do_h), p.to(do_h.dtype), DOT_FP32)
+        ds = p * (dp - delta[:, None])
+        dkt += dot(tl.trans(q_h), ds.to(q_h.dtype), DOT_FP32)
         if STORE_DS:
             tl.store(ds_ptr + g * ds_head_stride + rel_m[:, None] * ds_rows + offs_p[None, :],
-                     ds.to(ds_ptr.dtype.element_ty), mask=m_ok[:, None] & p_ok[None, :])
+                     ds.to(ds_ptr.dtype.element_ty),
+                     mask=m_ok[:, None] & p_ok[None, :] & ds_now)
     return dkt, dvt
 
 
@@ -199,30 +236,42 @@ def _bwd_kv_kernel(
     MASK_D: tl.constexpr = BLOCK_D != HEAD_DIM
     SPLIT_D: tl.constexpr = BLOCK_DH != BLOCK_D  # dK, dV by head-dim halves (D > 128)
     D_PARTS: tl.constexpr = BLOCK_D // BLOCK_DH
+    BLOCK_C: tl.constexpr = 64  # head-dim chunk of the prefix programs' scores with SPLIT_D
     pid = tl.program_id(0)
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
     qk_scale = scale * LOG2E
     n_p = tl.cdiv(P, BLOCK_P)
-    n_pre = n_p * n_groups
+    n_pre = n_p * n_groups * D_PARTS
     if pid < n_pre:
-        # ---- a prefix tile of one batch row and kv head
-        local = pid // n_p
+        # ---- a prefix tile of one batch row and kv head (a part of the head dim)
+        part = pid % D_PARTS
+        pid_p = pid // D_PARTS
+        offs_dh = part * BLOCK_DH + tl.arange(0, BLOCK_DH)
+        dh_ok = offs_dh < HEAD_DIM
+        ds_now = part == 0  # one part stores dS
+        local = pid_p // n_p
         bk = group0 + local
         b = (bk // Hkv).to(tl.int64)
         hk = (bk % Hkv).to(tl.int64)
-        offs_p = (pid % n_p) * BLOCK_P + tl.arange(0, BLOCK_P)
+        offs_p = (pid_p % n_p) * BLOCK_P + tl.arange(0, BLOCK_P)
         p_ok = offs_p < P
-        pk = load_tile(PK + b * spkb + hk * spkh + offs_p[:, None] * spkn
-                       + offs_d[None, :] * spkd, p_ok, d_ok, True, MASK_D)
-        pv = load_tile(PV + b * spvb + hk * spvh + offs_p[:, None] * spvn
-                       + offs_d[None, :] * spvd, p_ok, d_ok, True, MASK_D)
-        # transposed (small, never split); partials in DPK, DPV themselves
-        mask_t = d_ok[:, None] & p_ok[None, :]
+        pk_ptr = PK + b * spkb + hk * spkh
+        pv_ptr = PV + b * spvb + hk * spvh
+        if SPLIT_D:  # read by chunks in the loop
+            pk = 0
+            pv = 0
+        else:
+            pk = load_tile(pk_ptr + offs_p[:, None] * spkn + offs_d[None, :] * spkd, p_ok,
+                           d_ok, True, MASK_D)
+            pv = load_tile(pv_ptr + offs_p[:, None] * spvn + offs_d[None, :] * spvd, p_ok,
+                           d_ok, True, MASK_D)
+        # transposed; partials in DPK, DPV themselves
+        mask_t = dh_ok[:, None] & p_ok[None, :]
         dpk = DPK + b * sdpkb + hk * sdpkh
         dpv = DPV + b * sdpvb + hk * sdpvh
-        dkt = _start(dpk, offs_d, offs_p, 1, HEAD_DIM, mask_t, True, ACC_IN)
-        dvt = _start(dpv, offs_d, offs_p, 1, HEAD_DIM, mask_t, True, ACC_IN)
+        dkt = _start(dpk, offs_dh, offs_p, 1, HEAD_DIM, mask_t, True, ACC_IN)
+        dvt = _start(dpv, offs_dh, offs_p, 1, HEAD_DIM, mask_t, True, ACC_IN)
         h0 = hk * G  # the group's first query head
         row = (b * Hq + h0) * Lq
         q_ptr = Q + b * sqb + h0 * sqh
@@ -230,19 +279,22 @@ def _bwd_kv_kernel(
         ds_ptr = DS + local.to(tl.int64) * G * ds_head_stride
         n_full = (row1 - row0) // BLOCK_MP
         dkt, dvt = _prefix_tile_steps(
-            pk, pv, dkt, dvt, offs_p, p_ok, q_ptr, do_ptr, LSE + row, DELTA + row, ds_ptr,
+            pk, pv, pk_ptr, pv_ptr, spkn, spkd, spvn, spvd, dkt, dvt, offs_p, p_ok, q_ptr,
+            do_ptr, LSE + row, DELTA + row, ds_ptr,
             row0, n_full, G, Lq, sqh, sqm, sqd, sdoh, sdom, sdod, ds_rows, ds_head_stride,
-            offs_d, d_ok, qk_scale, False, STORE_DS, MASK_D, DOT_FP32, BLOCK_MP,
-            PREFIX_STAGES)
+            offs_d, d_ok, offs_dh, dh_ok, ds_now, qk_scale, False, STORE_DS, MASK_D, SPLIT_D,
+            DOT_FP32, BLOCK_MP, PREFIX_STAGES, HEAD_DIM, BLOCK_C)
         dkt, dvt = _prefix_tile_steps(
-            pk, pv, dkt, dvt, offs_p, p_ok, q_ptr, do_ptr, LSE + row, DELTA + row,
+            pk, pv, pk_ptr, pv_ptr, spkn, spkd, spvn, spvd, dkt, dvt, offs_p, p_ok, q_ptr,
+            do_ptr, LSE + row, DELTA + row,
             ds_ptr + n_full * BLOCK_MP * ds_rows, row0 + n_full * BLOCK_MP,
             tl.cdiv(row1 - row0, BLOCK_MP) - n_full, G, Lq, sqh, sqm, sqd, sdoh, sdom, sdod,
-            ds_rows, ds_head_stride, offs_d, d_ok, qk_scale, True, STORE_DS, MASK_D, DOT_FP32,
-            BLOCK_MP, PREFIX_STAGES)
-        _finish(dpk, dpk, dkt, offs_d, offs_p, sdpkd, sdpkn, sdpkd, sdpkn, mask_t, scale,
+            ds_rows, ds_head_stride, offs_d, d_ok, offs_dh, dh_ok, ds_now, qk_scale, True,
+            STORE_DS, MASK_D, SPLIT_D, DOT_FP32, BLOCK_MP, PREFIX_STAGES, HEAD_DIM, BLOCK_C)
+        _finish(dpk, dpk, dkt, offs_dh, offs_p, sdpkd, sdpkn, sdpkd, sdpkn, mask_t, scale,
                 ACC_OUT)
-        _finish(dpv, dpv, dvt, offs_d, offs_p, sdpvd, sdpvn, sdpvd, sdpvn, mask_t, 1.0, ACC_OUT)
+        _finish(dpv, dpv, dvt, offs_dh, offs_p, sdpvd, sdpvn, sdpvd, sdpvn, mask_t, 1.0,
+                ACC_OUT)
     else:
         # ---- a sequence key tile of one batch row and kv head (a part of the head dim)
         pid_s = pid - n_pre

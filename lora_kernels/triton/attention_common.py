@@ -49,8 +49,8 @@ _TABLE: dict[str, list[tuple[dict, int, int, tuple[int, ...]]]] = {
     # backward dK/dV (+ the prefix gradient, + dS): key tile BLOCK_N x query tile BLOCK_M;
     # the prefix programs' query tile BLOCK_MP = 16 x num_warps (a chained wgmma puts every
     # warp on the M side: a smaller M would be computed twice) with PREFIX_STAGES stages.
-    # D = 256: no config is free of spills (see benchmarks/README.md); the one below spills
-    # least within shared memory.
+    # D > 128: every program takes half of the head dim for dK, dV; the prefix programs
+    # compute their scores by head-dim chunks (whole 128 x 256 tiles spilled).
     "bwd_kv": [
         ({"BLOCK_M": 32, "BLOCK_N": 128, "BLOCK_MP": 128, "PREFIX_STAGES": 2}, 8, 3, _UP_TO_128),
         ({"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_MP": 128, "PREFIX_STAGES": 2}, 8, 3, _UP_TO_128),

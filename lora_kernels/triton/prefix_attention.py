@@ -211,7 +211,7 @@ def backward(dout, q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse, caus
             for group0 in range(0, B * Hkv, sl.groups):
                 n = min(sl.groups, B * Hkv - group0)
                 grid = lambda meta, n=n, sl=sl: (
-                    n * (n_p + triton.cdiv(sl.keys, meta["BLOCK_N"]) * parts),)
+                    n * (n_p + triton.cdiv(sl.keys, meta["BLOCK_N"])) * parts,)
                 if n_p or sl.keys:  # else these rows see no key: their dS is not read
                     common.launch(
                         _bwd_kv_kernel, grid,
