@@ -43,8 +43,11 @@ _TABLE: dict[str, list[tuple[dict, int, int, tuple[int, ...]]]] = {
     ],
     # forward, Lq <= 16 (queries of a kv head packed in BLOCK_R rows): key tile BLOCK_N
     "decode": [
-        ({"BLOCK_N": 64}, 4, 3, _UP_TO_128 + (256,)),
+        ({"BLOCK_N": 64}, 4, 3, _UP_TO_128),
         ({"BLOCK_N": 128}, 8, 3, _UP_TO_128),
+        # D = 256: the (256, BLOCK_R) accumulator leaves room for 32-key tiles only (64-key
+        # tiles spilled with 4 or 8 warps and 1 to 3 stages); S^T then runs on mma.sync
+        ({"BLOCK_N": 32}, 4, 3, (256,)),
     ],
     # backward dK/dV (+ the prefix gradient, + dS): key tile BLOCK_N x query tile BLOCK_M;
     # the prefix programs' query tile BLOCK_MP = 16 x num_warps (a chained wgmma puts every

@@ -224,7 +224,9 @@ def forward_decode(q, k, v, prefix: common.Prefix, padding: common.Padding, caus
     else:
         o_part, lse_part = out, lse  # not read
     # the key tile is the M side of S^T = K Q^T: at least as wide as the smallest key tile
-    block_p = max(prefix.block, min(c.kwargs["BLOCK_N"] for c in common.configs_for("decode")))
+    block_d = common.block_d(D)
+    block_p = max(prefix.block, min(c.kwargs["BLOCK_N"]
+                                    for c in common.configs_for("decode", block_d)))
     common.launch(
         _decode_kernel, (B * Hkv * row_blocks * n_splits,),
         q, k, v, prefix.k, prefix.v, padding.mask, out, lse, o_part, lse_part,
@@ -234,7 +236,7 @@ def forward_decode(q, k, v, prefix: common.Prefix, padding: common.Padding, caus
         common.bucket(Lk), common.bucket(prefix.P), common.bucket(G * Lq),
         CAUSAL=bool(causal), HAS_PAD=padding.present, SPLIT=split,
         DOT_FP32=common.dot_fp32(q.dtype), HEAD_DIM=D, BLOCK_R=block_r, BLOCK_P=block_p,
-        BLOCK_D=common.block_d(D),
+        BLOCK_D=block_d,
     )
     if split:
         merge_blocks = triton.cdiv(G * Lq, MERGE_ROWS)
