@@ -211,7 +211,7 @@ def test_strided_and_expanded_inputs():
     check_against_oracle(out, grads, inputs, True, D**-0.5, dout)
 
 
-@pytest.mark.parametrize("D", [80, 96, 256])
+@pytest.mark.parametrize("D", [80, 96, 160, 256])
 def test_head_dims_not_powers_of_two_and_the_largest(D):
     inputs = make_inputs(1, 2, 1, 17, 19, 2, D, torch.float32, pad=D == 96)
     dout = torch.randn(1, 2, 17, D)
@@ -469,15 +469,26 @@ def test_dq_recomputes_when_no_slice_fits(monkeypatch, launches):
     assert names.count("_bwd_kv_kernel") == 1
 
 
-def test_fp32_takes_the_small_tiles():
-    """fp32's IEEE dots hold twice the bytes per tile: the 4-warp rows, or one stage less."""
-    from lora_kernels.triton import attention_common as common
+def test_fp32_is_declined_and_served_by_torch(monkeypatch):
+    """fp32 is not in the Triton backend's capabilities (outside Triton's interpreter, which
+    these tests run in, switched off here): auto on a GPU takes torch (SDPA) for it and Triton
+    for fp16/bf16; an explicit backend="triton" on fp32 is a ValueError before any kernel runs
+    (choose() never touches tensors: a CUDA device object is enough; only Triton is marked
+    GPU-validated here, so the CUDA extension is no candidate)."""
+    import lora_kernels.ops  # noqa: F401  (registers the op)
+    from lora_kernels import prefix_attention
+    from lora_kernels.triton import prefix_attention as T
 
-    for kernel in common.KERNELS:
-        for block_d in common.BLOCK_DS:
-            rows = common.configs_for(kernel, block_d, interpreter=False)
-            if not rows:
-                continue
-            small = common._fp32_configs(rows)
-            assert small and (all(c.num_warps == 4 for c in small)
-                              or all(c.num_stages < r.num_stages for c, r in zip(small, rows)))
+    assert torch.float32 not in T.CAPABILITIES.dtypes
+    monkeypatch.setattr(T, "INTERPRETER", False)
+    monkeypatch.setattr(backends, "GPU_VALIDATED",
+                        frozenset({("prefix_attention", "triton")}))
+    cuda = torch.device("cuda")
+    for dtype, want in ((torch.float32, "torch"), (torch.bfloat16, "triton"),
+                        (torch.float16, "triton")):
+        x = make_inputs(1, 2, 2, 3, 3, 2, 16, dtype)
+        kw = dict(x, causal=True, dropout_p=0.0, training=True)
+        assert backends.choose("prefix_attention", "auto", cuda, **kw) == want, dtype
+    x = make_inputs(1, 2, 2, 3, 3, 2, 16, torch.float32)
+    with pytest.raises(ValueError, match="float32 is not supported"):
+        prefix_attention(x["q"], x["k"], x["v"], x["prefix_k"], x["prefix_v"], backend="triton")

@@ -1,7 +1,8 @@
 """GPU checks of the Triton prefix-attention kernels at realistic sizes (skipped without a GPU):
 every kernel (forward, decode with and without split-K and its merge, delta, dK/dV with the
-prefix programs, dQ from the stored dS (whole and in slices) and recomputed) against the float64 oracle, with many
-tiles per program, tensor-core dots in fp16/bf16, odd head dims and lengths. One autotune config
+prefix programs, dQ from the stored dS (whole and in slices) and recomputed) against the
+float64 oracle, with many tiles per program, tensor-core dots in fp16/bf16 (fp32 is refused:
+the torch backend serves it), odd head dims and lengths. One autotune config
 per specialisation (LORA_KERNELS_AUTOTUNE=0) keeps the compile time short; the benchmark
 autotunes."""
 
@@ -32,12 +33,23 @@ def _check(inputs, causal, dout, device="cuda"):
     (8, 32, 8, 1024, 1024, 32, 128, False, True, False, torch.bfloat16),  # benchmark shape
     (2, 8, 8, 300, 700, 20, 80, True, True, True, torch.float16),
     (3, 8, 2, 257, 257, 0, 96, False, False, True, torch.bfloat16),
-    (2, 8, 2, 333, 401, 45, 64, False, True, True, torch.float32),
+    (2, 8, 2, 333, 401, 45, 64, False, True, True, torch.float16),
     (2, 4, 4, 200, 300, 100, 256, False, True, False, torch.bfloat16),
 ])
 def test_forward_backward(B, Hq, Hkv, Lq, Lk, P, D, per_row, causal, pad, dtype):
     inputs = make_inputs(B, Hq, Hkv, Lq, Lk, P, D, dtype, per_row=per_row, pad=pad)
     _check(inputs, causal, torch.randn(B, Hq, Lq, D))
+
+
+def test_fp32_is_refused_before_any_kernel_runs():
+    """fp32 attention is the torch backend's (SDPA): the launchers refuse it on a GPU."""
+    from lora_kernels.triton import prefix_attention as T
+
+    x = make_inputs(1, 2, 2, 20, 20, 3, 64, torch.float32)
+    with pytest.raises(ValueError, match="fp16 or bf16"):
+        run_triton(x, True, 0.125, torch.randn(1, 2, 20, 64), device="cuda")
+    assert T.not_supported_reasons(x["q"].cuda(), None, None, None, None, None, True, 0.0,
+                                   False)
 
 
 @pytest.mark.parametrize("B,Lq,Lk,pad,split", [

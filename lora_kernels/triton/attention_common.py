@@ -109,8 +109,6 @@ def autotune(kernel: str, key: list[str], restore: list[str] | None = None):
         block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
         allowed = {_signature(c) for c in configs_for(kernel, block_d)}
         keep = [c for c in configs if _signature(c) in allowed] or configs[:1]
-        if kwargs.get("DOT_FP32", named_args.get("DOT_FP32")) and not INTERPRETER:
-            keep = _fp32_configs(keep)
         if os.environ.get("LORA_KERNELS_AUTOTUNE", "1").strip() == "0":
             keep = keep[:1]
         return keep
@@ -124,15 +122,6 @@ def autotune(kernel: str, key: list[str], restore: list[str] | None = None):
         return tuner
 
     return decorate
-
-
-def _fp32_configs(configs: list[triton.Config]) -> list[triton.Config]:
-    """fp32 inputs (IEEE fp32 dots on FMA units, outside the wgmma gate): twice the bytes per
-    tile, so the 4-warp rows (the smaller tiles), or else every row with one stage less; the
-    table was profiled for 16-bit inputs."""
-    small = [c for c in configs if c.num_warps == 4]
-    return small or [triton.Config(dict(c.kwargs), num_warps=c.num_warps,
-                                   num_stages=max(1, c.num_stages - 1)) for c in configs]
 
 
 def max_tile(kernel: str, name: str) -> int:
@@ -155,8 +144,8 @@ def prefix_tile(P: int) -> int:
 
 
 def dot_fp32(dtype: torch.dtype) -> bool:
-    """IEEE fp32 dots for fp32 inputs (tf32 would miss the tolerance rule), and for bf16 in
-    the interpreter (its bf16 dot is wrong)."""
+    """IEEE fp32 dots for fp32 inputs (the interpreter's tests only: on a GPU the launchers
+    refuse fp32), and for bf16 in the interpreter (its bf16 dot is wrong)."""
     return dtype == torch.float32 or (INTERPRETER and dtype == torch.bfloat16)
 
 

@@ -14,9 +14,14 @@ tutorial (own code). This module plans and launches; the kernels live in
 Layout: q (B, Hq, Lq, D); k, v (B, Hkv, Lk, D); prefix_k/v (Bp, Hkv, P, D) with Bp in {1, B}
 (a shared prefix is read with batch stride 0, never expanded); key_padding_mask (B, Lk) bool.
 Query head h reads kv head h // (Hq // Hkv). Any strides. Causal is bottom-right: query i sees
-key j iff j <= i + Lk - Lq; every query sees the prefix. Dots accumulate in fp32; fp32 inputs
-use IEEE fp32 dots (tf32 would miss the tolerance rule). Every launch is on the inputs' device,
-with a 1-D grid, and no kernel uses atomics: results are deterministic.
+key j iff j <= i + Lk - Lq; every query sees the prefix. Dots accumulate in fp32. Every launch
+is on the inputs' device, with a 1-D grid, and no kernel uses atomics: results are
+deterministic.
+
+fp16 and bf16 only (CAPABILITIES): fp32 inputs would need IEEE fp32 dots (tf32 misses the
+tolerance rule), which run on CUDA cores and spill; the torch backend (SDPA on CUDA) serves fp32
+attention. Triton's interpreter alone also takes fp32 (it computes every dot in fp32 anyway;
+the CPU tests check the kernels' logic exactly with it).
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import triton
 
 from ..backends import Capabilities
 from . import attention_common as common
+from ._common import INTERPRETER
 from .attention_backward import DELTA_ROWS, _bwd_kv_kernel, _delta_kernel
 from .attention_decode import forward_decode
 from .attention_dq import _dq_kernel, _dq_recompute_kernel, dq_grid
@@ -46,21 +52,35 @@ DS_WORKSPACE_BYTES = 256 << 20
 DS_MIN_SLICE_ROWS = 1024
 
 
-CAPABILITIES = Capabilities(devices=("cuda", "cpu"),
-                            dtypes=(torch.float32, torch.float16, torch.bfloat16),
+CAPABILITIES = Capabilities(devices=("cuda", "cpu"), dtypes=(torch.float16, torch.bfloat16),
                             max_head_dim=256, dropout=False)
+
+
+def _check_dtype(q: torch.Tensor) -> None:
+    """fp32 on a GPU is the torch backend's (CAPABILITIES): say so before any kernel runs."""
+    if q.dtype == torch.float32 and q.device.type == "cuda":
+        raise ValueError("the Triton prefix-attention kernels take fp16 or bf16 inputs on a GPU, "
+                         "got float32; the torch backend (SDPA) serves fp32 attention")
+
+
+def _interpreter_takes_fp32(reason: str) -> bool:
+    return INTERPRETER and reason.startswith("q dtype float32 ")
 
 
 def not_supported_reasons(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, dropout_p,
                           training) -> list[str]:
-    """Why these kernels cannot serve the inputs (empty: they can)."""
-    return CAPABILITIES.reasons({"q": q}, head_dim=q.shape[-1], dropout=dropout_p > 0 and training)
+    """Why these kernels cannot serve the inputs (empty: they can); fp32 only in Triton's
+    interpreter."""
+    reasons = CAPABILITIES.reasons({"q": q}, head_dim=q.shape[-1],
+                                   dropout=dropout_p > 0 and training)
+    return [r for r in reasons if not _interpreter_takes_fp32(r)]
 
 
 def forward(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale):
     """q (B, Hq, Lq, D); k, v (B, Hkv, Lk, D); prefix_k/v (Bp, Hkv, P, D) or None;
     key_padding_mask (B, Lk) bool or None -> (out (B, Hq, Lq, D) q.dtype, lse (B, Hq, Lq) fp32;
     a row that sees no key gets 0 and -inf)."""
+    _check_dtype(q)
     B, Hq, Lq, D = q.shape
     out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     lse = torch.empty((B, Hq, Lq), dtype=torch.float32, device=q.device)
@@ -155,6 +175,7 @@ def plan_ds(B: int, Hkv: int, G: int, Lq: int, Lk: int, P: int, causal: bool,
 def backward(dout, q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse, causal, scale):
     """Gradients (dq, dk, dv, dprefix_k, dprefix_v) in the inputs' shapes and dtypes
     (dprefix (Bp, Hkv, P, D), None when there is no prefix)."""
+    _check_dtype(q)
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     G = Hq // Hkv
