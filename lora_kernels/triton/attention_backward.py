@@ -6,9 +6,11 @@ dK += dS^T Q here, and dQ += dS K in attention_dq.py from the dS this kernel sto
 (prefix_attention.DS_WORKSPACE_BYTES): the launcher runs this kernel and dQ over slices of
 the (batch row, kv head) groups, and of their query rows when one group's dS is larger than
 the budget; a slice of rows adds to the fp32 dK, dV (and prefix) partials of the slices
-before it (ACC_IN) and leaves them for the next (ACC_OUT), in row order: deterministic.
-Only where 128 query rows of one group exceed the budget is nothing stored, and the dQ pass
-recomputes S and dP (seven matmuls).
+before it (ACC_IN) and leaves them for the next (ACC_OUT), in row order: deterministic; the
+launcher scales and casts the last slice's sums (a scaled 16-bit store in the last slice spilled
+in one config). Only where prefix_attention.DS_MIN_SLICE_ROWS query rows x heads of one group
+exceed the budget (about 130 k keys) is nothing stored, and the dQ pass recomputes S and dP
+(seven matmuls).
 
 Launches: delta = rowsum(dO * O); then per slice one dK/dV launch whose 1-D grid holds
   - first, the prefix programs, one per (prefix tile of width BLOCK_P, group of the slice,

@@ -205,7 +205,9 @@ def backward(dout, q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse, caus
         dpk_x, dpv_x = dpk, dpv
     else:
         dpk_x = dpv_x = dq  # not written: no prefix programs
-    dk_acc = dv_acc = dk  # fp32 dK, dV of the row slices so far (when rows are sliced)
+    # fp32 dK, dV of the row slices so far, when rows are sliced (every slice adds to them;
+    # scaled and cast to dk, dv at the end)
+    dk_acc = dv_acc = dk
     if rows_sliced:
         dk_acc = torch.empty((B * Hkv, Lk, D), dtype=torch.float32, device=q.device)
         dv_acc = torch.empty_like(dk_acc)
@@ -244,7 +246,7 @@ def backward(dout, q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse, caus
                         *prefix.v_strides, *dout.stride(), *padding.strides, *dk.stride(),
                         *dv.stride(), *dpk_x.stride(), *dpv_x.stride(), *keys,
                         CAUSAL=bool(causal), HAS_PAD=padding.present,
-                        STORE_DS=plan is not None, ACC_IN=sl.row0 > 0, ACC_OUT=sl.row1 < Lq,
+                        STORE_DS=plan is not None, ACC_IN=sl.row0 > 0, ACC_OUT=rows_sliced,
                         BLOCK_P=prefix.block, BLOCK_DH=block_dh, **flags,
                     )
                 if plan is not None:
@@ -264,8 +266,11 @@ def backward(dout, q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse, caus
                 *padding.strides, *dout.stride(), *dq.stride(), *keys,
                 CAUSAL=bool(causal), HAS_PAD=padding.present, BLOCK_P=prefix.block, **flags,
             )
+    if rows_sliced:  # the last row slice left unscaled fp32 sums too (a store of bf16 spilled)
+        dk.copy_((dk_acc * scale).view(k.shape))
+        dv.copy_(dv_acc.view(v.shape))
     if partial:
         reduce = (lambda x: x.sum(0, keepdim=True)) if prefix.shared else (lambda x: x)
-        dpk.copy_(reduce(dpk_x))
+        dpk.copy_(reduce(dpk_x) * (scale if rows_sliced else 1.0))
         dpv.copy_(reduce(dpv_x))
     return dq, dk, dv, dpk, dpv
