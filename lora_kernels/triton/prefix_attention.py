@@ -42,8 +42,9 @@ from .attention_forward import forward_prefill
 
 DECODE_MAX_LQ = 16  # forward of at most this many queries takes the decode kernel
 # The dS workspace of the backward (bytes): one buffer, reused by every slice (plan_ds). At
-# the benchmark shape (B8 Hq32 Hkv8 L1024 P32 D128 bf16, 553 MB of dS) three slices of 21-22
-# groups, 168+ programs each; at L = 8192 slices of 1280 query rows of 3 groups.
+# the benchmark shape (B8 Hq32 Hkv8 L1024 P32 D128 bf16, 553 MB of dS) three launches of up
+# to 22 groups (176+ key-tile programs each); at L = 8192 five slices of 1664 query rows, of
+# 11 groups per launch for the first down to 2 for the last (causal: later rows see more keys).
 DS_WORKSPACE_BYTES = 256 << 20
 # Fewest query rows x query heads of a group per row slice: a slice re-reads and re-writes
 # the fp32 dK, dV partials (16 D bytes per key) and that costs, per dS element, about
