@@ -27,7 +27,13 @@ from pathlib import Path
 import torch
 
 from lora_kernels.training.demo import (
-    DEFAULT_DATA, DEFAULTS, METHOD_NAMES, REPO, minilm_folder, recipe_config, run_demo,
+    DEFAULT_DATA,
+    DEFAULTS,
+    METHOD_NAMES,
+    REPO,
+    minilm_folder,
+    recipe_config,
+    run_demo,
 )
 from lora_kernels.training.env import machine_info
 from lora_kernels.training.methods import METHODS
