@@ -3,6 +3,8 @@
 Providers (each run in this process, on the same inputs):
   base    the frozen base linear alone, ``F.linear(x, W, b)``: the floor
   peft    PEFT's ``lora.Linear`` layer (the baseline the ratios are taken against)
+  unsloth a custom autograd LoRA of three ``addmm`` in the style of Unsloth's fast path
+          (adapters in the base dtype, no dropout: Unsloth's fast path takes none); GPU default
   torch   ``LoRALinear`` on the torch backend of ``lora_kernels.lora_linear``
   triton  the same on the Triton kernels (CUDA tensors only)
   cuda    the same on the compiled extension (when it is built and runs here)
@@ -47,7 +49,8 @@ from common import (  # noqa: E402
 from lora_kernels import backends  # noqa: E402
 from lora_kernels.nn import LoRALinear  # noqa: E402
 
-PROVIDERS = ("base", "peft", "torch", "triton", "cuda")
+PROVIDERS = ("base", "peft", "unsloth", "torch", "triton", "cuda")
+CPU_PROVIDERS = ("base", "peft", "torch")
 MODES = ("fwd", "bwd", "full")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -63,7 +66,8 @@ def _parse(argv=None):
     ap.add_argument("--dropout", type=float, default=0.1)
     ap.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                     help="base dtype (default float32 on cpu, bfloat16 on cuda); adapters fp32 over a half base, as PEFT")
-    ap.add_argument("--providers", default=",".join(PROVIDERS))
+    ap.add_argument("--providers", default=None,
+                    help=f"default: {','.join(PROVIDERS)} on a GPU, {','.join(CPU_PROVIDERS)} on the CPU")
     ap.add_argument("--modes", default=",".join(MODES))
     ap.add_argument("--reps", type=int, default=None, help="timed calls per provider (CPU)")
     ap.add_argument("--threads", type=int, default=None,
@@ -82,6 +86,7 @@ def _parse(argv=None):
     args.out_features = args.out_features or big[2]
     args.reps = args.reps or (5 if args.quick else 15)
     args.dtype = args.dtype or ("bfloat16" if cuda else "float32")
+    args.providers = args.providers or ",".join(PROVIDERS if cuda else CPU_PROVIDERS)
     return args
 
 
@@ -101,9 +106,55 @@ def _available(provider: str, device: torch.device) -> str | None:
     return None
 
 
+class ThreeAddmmLoRA(torch.autograd.Function):
+    """LoRA as three GEMMs forward (``x A^T``, the base ``addmm``, ``addmm_`` of the LoRA term
+    with alpha = scaling), saving x and ``x A^T``; backward ``dY B``, ``dX = dY W`` with
+    ``addmm_`` of ``dY B A``, ``dA``, ``dB``. Unsloth's fast-path style: no dropout."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_A, lora_B, scaling):
+        xa = x @ lora_A.t()
+        y = x @ weight.t() if bias is None else torch.addmm(bias, x, weight.t())
+        y.addmm_(xa, lora_B.t(), alpha=scaling)
+        ctx.save_for_backward(x, weight, lora_A, lora_B, xa)
+        ctx.scaling = scaling
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, lora_A, lora_B, xa = ctx.saved_tensors
+        s = ctx.scaling
+        dyb = dy @ lora_B
+        dx = (dy @ weight).addmm_(dyb, lora_A, alpha=s)
+        d_a = torch.mm(dyb.t(), x).mul_(s)
+        d_b = torch.mm(dy.t(), xa).mul_(s)
+        return dx, None, None, d_a, d_b, None
+
+
+class UnslothStyleLoRA(nn.Module):
+    """The frozen base and adapters in the base dtype, run by :class:`ThreeAddmmLoRA`."""
+
+    def __init__(self, base: nn.Linear, r: int, alpha: float):
+        super().__init__()
+        self.base, self.scaling = base, alpha / r
+        dtype, device = base.weight.dtype, base.weight.device
+        self.lora_A = nn.Parameter(torch.randn(r, base.in_features, dtype=dtype, device=device)
+                                   / base.in_features**0.5)
+        self.lora_B = nn.Parameter(torch.randn(base.out_features, r, dtype=dtype,
+                                               device=device) * 0.02)
+
+    def forward(self, x):
+        lead = x.shape[:-1]
+        y = ThreeAddmmLoRA.apply(x.reshape(-1, x.shape[-1]), self.base.weight, self.base.bias,
+                                 self.lora_A, self.lora_B, self.scaling)
+        return y.reshape(*lead, y.shape[-1])
+
+
 def _make_layer(provider, base, args):
     if provider == "base":
         return base
+    if provider == "unsloth":
+        return UnslothStyleLoRA(copy.deepcopy(base), args.rank, args.alpha)
     if provider == "peft":
         from peft.tuners.lora import Linear, LoraConfig
 

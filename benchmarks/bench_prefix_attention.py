@@ -1,16 +1,22 @@
-"""Microbenchmark of prefix_attention against the way PEFT's prefix tuning ends up computing it.
+"""Microbenchmark of prefix_attention against the real competitors of prefix tuning.
 
 Providers:
-  sdpa    PyTorch SDPA on keys/values concatenated with the prefix expanded per batch row,
-          an explicit boolean mask (bottom-right causal, prefix always visible), repeat_kv for
-          grouped-query heads: what PEFT's KV-cache route amounts to (the baseline).
-  torch   lora_kernels.prefix_attention(backend="torch"): the split flash path, no concatenation.
+  flash   SDPA's flash kernel over keys/values concatenated with the prefix (expanded per row),
+          no explicit mask: bottom-right causal through torch.nn.attention.bias.causal_lower_right
+          (plain is_causal when Lq == P + Lk), grouped-query heads through enable_gqa. The best
+          a hand-written SDPA call reaches; on a GPU skipped where flash does not serve.
+  peft    what PEFT's prefix tuning amounts to in transformers: the prefix in the key/value
+          cache (concatenated, expanded per row), an explicit boolean mask (bottom-right causal,
+          prefix always visible), repeat_kv for grouped-query heads, SDPA (the baseline).
+  torch   lora_kernels.prefix_attention(backend="torch"): on the CPU the split flash path (no
+          concatenation); on CUDA SDPA's fused kernels (lora_kernels.reference.prefix_attention_sdpa).
   triton  backend="triton" (CUDA tensors only).
   cuda    backend="cuda" (when the compiled extension serves the inputs).
 Modes: fwd (no autograd), bwd (backward only, the forward graph kept), full (forward + backward).
 Reports the median and 20/80 % quantiles (ms), the peak memory the call adds (MiB), TFLOP/s on
-a GPU, and each provider's time relative to sdpa measured in the same process. Writes a table
-to stdout and JSON to benchmarks/results/prefix_attention_<device>.json.
+a GPU, and each provider's time relative to peft (and to flash when it ran) measured in the
+same process. Writes a table to stdout and JSON to
+benchmarks/results/prefix_attention_<device>.json.
 
     python benchmarks/bench_prefix_attention.py --device cpu
     python benchmarks/bench_prefix_attention.py --device cuda --dtype bf16
@@ -25,6 +31,8 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention.bias import causal_lower_right
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -47,12 +55,20 @@ GPU_SHAPES = [(8, 32, 8, 1024, 32, 128), (4, 32, 8, 2048, 32, 128)]
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
+CPU_PROVIDERS = ["peft", "torch"]
+GPU_PROVIDERS = ["flash", "peft", "torch", "triton", "cuda"]
+
+
+def _concat(prefix, seq):
+    B, Hkv, _, D = seq.shape
+    return torch.cat([prefix.expand(B, Hkv, prefix.shape[-2], D), seq], 2)
+
+
 def sdpa_peft_like(q, k, v, prefix_k, prefix_v, causal=True):
     """PEFT's route: prefix expanded per row and concatenated, explicit mask, repeat_kv."""
     B, Hq, L, D = q.shape
     Hkv, P = k.shape[1], prefix_k.shape[-2]
-    keys = torch.cat([prefix_k.expand(B, Hkv, P, D), k], 2)
-    values = torch.cat([prefix_v.expand(B, Hkv, P, D), v], 2)
+    keys, values = _concat(prefix_k, k), _concat(prefix_v, v)
     keep = torch.ones(L, L, dtype=torch.bool, device=q.device)
     keep = keep.tril() if causal else keep
     mask = torch.cat([torch.ones(L, P, dtype=torch.bool, device=q.device), keep], 1)
@@ -62,15 +78,39 @@ def sdpa_peft_like(q, k, v, prefix_k, prefix_v, causal=True):
     return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask.expand(B, 1, L, L + P))
 
 
+def sdpa_flash(q, k, v, prefix_k, prefix_v, causal=True):
+    """SDPA over the concatenated keys without a mask: bottom-right causal as a CausalBias
+    (flash's own causal mask when Lq != P + Lk), grouped heads in place. On CUDA only the flash
+    kernel may serve it (anything else raises)."""
+    keys, values = _concat(prefix_k, k), _concat(prefix_v, v)
+    mask = causal_lower_right(q.shape[2], keys.shape[2]) if causal else None
+    gqa = q.shape[1] != k.shape[1]
+    if q.device.type != "cuda":
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=gqa)
+    with sdpa_kernel([SDPBackend.FLASH_ATTENTION]):
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=gqa)
+
+
 def make_call(provider, q, k, v, prefix_k, prefix_v):
-    if provider == "sdpa":
+    if provider == "peft":
         return lambda: sdpa_peft_like(q, k, v, prefix_k, prefix_v)
+    if provider == "flash":
+        return lambda: sdpa_flash(q, k, v, prefix_k, prefix_v)
     return lambda: prefix_attention(q, k, v, prefix_k, prefix_v, causal=True, backend=provider)
 
 
 def available(provider, q, k, v, prefix_k, prefix_v) -> str | None:
     """None when the provider can run these inputs, else why not."""
-    if provider == "sdpa":
+    if provider == "flash":
+        if q.device.type != "cuda":
+            return None
+        keys = _concat(prefix_k, k)
+        params = torch.backends.cuda.SDPAParams(q, keys, keys, None, 0.0, False,
+                                                q.shape[1] != k.shape[1])
+        if not torch.backends.cuda.can_use_flash_attention(params):
+            return "SDPA's flash kernel does not serve these inputs"
+        return None
+    if provider == "peft":
         return None
     reasons = backends.not_supported_reasons(
         "prefix_attention", provider, q.device, q=q, k=k, v=v, prefix_k=prefix_k[None],
@@ -160,10 +200,11 @@ def run(args):
                              causal=True) * {"fwd": 1.0, "bwd": 2.5, "full": 3.5}[mode]
                 row["tflops"] = work / (t["median_ms"] * 1e-3) / 1e12
             block.append(row)
-        base = next((r for r in block if r["provider"] == "sdpa" and "median_ms" in r), None)
-        for r in block:
-            if base is not None and "median_ms" in r:
-                r["vs_sdpa"] = r["median_ms"] / base["median_ms"]
+        for ref in ("peft", "flash"):
+            base = next((r for r in block if r["provider"] == ref and "median_ms" in r), None)
+            for r in block:
+                if base is not None and "median_ms" in r:
+                    r[f"vs_{ref}"] = r["median_ms"] / base["median_ms"]
         rows += block
         del fns, inputs
     return rows
@@ -174,7 +215,9 @@ def main(argv=None):
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", choices=sorted(DTYPES), default=None,
                     help="default: bf16 on a GPU, fp32 on the CPU")
-    ap.add_argument("--providers", nargs="+", default=["sdpa", "torch", "triton", "cuda"])
+    ap.add_argument("--providers", nargs="+", default=None,
+                    help=f"default: {' '.join(GPU_PROVIDERS)} on a GPU, "
+                         f"{' '.join(CPU_PROVIDERS)} on the CPU")
     ap.add_argument("--modes", nargs="+", default=["fwd", "bwd", "full"],
                     choices=["fwd", "bwd", "full"])
     ap.add_argument("--shape", nargs=6, type=int, action="append",
@@ -190,8 +233,11 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     args.dtype = args.dtype or ("bf16" if device.type == "cuda" else "fp32")
     args.rounds = args.rounds or (1 if device.type == "cuda" else 3)
+    args.providers = args.providers or (GPU_PROVIDERS if device.type == "cuda" else CPU_PROVIDERS)
     rows = run(args)
-    cols = ["shape", "mode", "provider", "median_ms", "q20_ms", "q80_ms", "peak_mib", "vs_sdpa"]
+    cols = ["shape", "mode", "provider", "median_ms", "q20_ms", "q80_ms", "peak_mib", "vs_peft"]
+    if "flash" in args.providers:
+        cols.append("vs_flash")
     if device.type == "cuda":
         cols.insert(6, "tflops")
     print(format_table([r for r in rows if "median_ms" in r], cols))

@@ -86,3 +86,27 @@ def write_json(path: str | Path, payload: dict) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
     return path
+
+
+def provider_table(rows: Sequence[dict], baseline: str = "peft") -> str:
+    """A markdown table with every provider side by side: one line per (shape, mode), one
+    column per provider holding its median ms and, in parentheses, its time relative to
+    ``baseline`` measured in the same run. Rows: dicts with ``mode``, ``provider``,
+    ``median_ms`` and optionally ``shape``; rows without a time are left out."""
+    timed = [r for r in rows if isinstance(r.get("median_ms"), (int, float))]
+    providers = list(dict.fromkeys(r["provider"] for r in timed))
+    cases = list(dict.fromkeys((r.get("shape", ""), r["mode"]) for r in timed))
+    ms = {(r.get("shape", ""), r["mode"], r["provider"]): r["median_ms"] for r in timed}
+    lines = ["| shape | mode | " + " | ".join(providers) + " |",
+             "| --- | --- |" + " --- |" * len(providers)]
+    for shape, mode in cases:
+        base = ms.get((shape, mode, baseline))
+        cells = []
+        for p in providers:
+            t = ms.get((shape, mode, p))
+            if t is None:
+                cells.append("-")
+            else:
+                cells.append(f"{t:.3g}" + (f" ({t / base:.2f}x)" if base else ""))
+        lines.append(f"| {shape} | {mode} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)

@@ -1,16 +1,14 @@
-// Shared helpers of the lora_kernels CUDA extension: argument checks whose messages name the
-// op and the argument, dtype dispatch, the launch-error check, and small device utilities.
+// Host-side helpers of the lora_kernels CUDA extension (the ATen entry points): argument checks
+// whose messages name the op and the argument, and the dtype dispatch. The device side
+// (device/portable.cuh, included here) does not depend on ATen.
 #pragma once
+
+#include "device/portable.cuh"
 
 #include <ATen/core/Tensor.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
-#include <c10/util/BFloat16.h>
-#include <c10/util/Half.h>
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
 
 #include <cstdint>
 #include <string>
@@ -75,9 +73,6 @@ inline std::string dtype_str(at::ScalarType t) {
   TORCH_CHECK((t).device() == (ref).device(), op ": " name " must be on ", (ref).device().str(), \
               " like the first argument, got ", (t).device().str())
 
-// After every kernel launch.
-#define LK_CHECK_LAUNCH() C10_CUDA_KERNEL_LAUNCH_CHECK()
-
 // ---------------------------------------------------------------------------------------------
 // Dtype dispatch: maps at::ScalarType to the CUDA scalar type (float, __half, __nv_bfloat16).
 // ---------------------------------------------------------------------------------------------
@@ -101,53 +96,12 @@ inline std::string dtype_str(at::ScalarType t) {
     }                                                                                            \
   }()
 
-// ---------------------------------------------------------------------------------------------
-// Device utilities.
-// ---------------------------------------------------------------------------------------------
-
-__device__ __forceinline__ float to_float(float v) { return v; }
-__device__ __forceinline__ float to_float(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_float(__nv_bfloat16 v) { return __bfloat162float(v); }
-
-template <typename T>
-__device__ __forceinline__ T from_float(float v);
-template <>
-__device__ __forceinline__ float from_float<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) {
-  return __float2bfloat16_rn(v);
-}
-
-__device__ __forceinline__ float warp_max(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-  return v;
-}
-
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
-
-inline int ceil_div(int64_t a, int64_t b) { return static_cast<int>((a + b - 1) / b); }
-
-// Raise the dynamic shared-memory limit of `kernel` to `bytes` (needed above 48 KiB), after
-// checking that the current device allows it.
-template <typename Kernel>
-inline void set_smem_limit(Kernel kernel, size_t bytes, const char* op) {
-  int device = 0;
+// Multiprocessors of the current device (for grid sizing).
+inline int sm_count() {
+  int device = 0, sms = 1;
   C10_CUDA_CHECK(cudaGetDevice(&device));
-  int optin = 0;
-  C10_CUDA_CHECK(cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
-  TORCH_CHECK(bytes <= static_cast<size_t>(optin), op, ": needs ", bytes,
-              " bytes of shared memory per block, this GPU allows ", optin);
-  if (bytes > 48 * 1024) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                        static_cast<int>(bytes)));
-  }
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  return sms;
 }
 
 }  // namespace lora_kernels

@@ -16,13 +16,15 @@
 namespace lora_kernels {
 
 at::Tensor lora_shrink(const at::Tensor& x, const at::Tensor& lora_A, double dropout_p, int64_t seed);
-void lora_expand_(const at::Tensor& y, const at::Tensor& s, const at::Tensor& lora_B, double scaling);
+at::Tensor lora_expand(const at::Tensor& s, const at::Tensor& lora_B,
+                       const c10::optional<at::Tensor>& bias, double scaling,
+                       at::ScalarType out_dtype);
 std::tuple<at::Tensor, at::Tensor> lora_grad_s_b(const at::Tensor& dy, const at::Tensor& s,
                                                  const at::Tensor& lora_B, double scaling,
                                                  bool need_dB);
-void lora_dropout_expand_(const at::Tensor& dx, const at::Tensor& ds, const at::Tensor& lora_A,
-                          double dropout_p, int64_t seed);
-at::Tensor lora_grad_a(const at::Tensor& ds, const at::Tensor& x, double dropout_p, int64_t seed);
+std::tuple<at::Tensor, at::Tensor> lora_grad_x_a(const at::Tensor& ds, const at::Tensor& x,
+                                                 const at::Tensor& lora_A, double dropout_p,
+                                                 int64_t seed, bool need_dx, bool need_dA);
 
 std::tuple<at::Tensor, at::Tensor> prefix_attention_fwd(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& prefix_k,
@@ -38,14 +40,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> prefix_at
 
 TORCH_LIBRARY(lora_kernels_cuda, m) {
   m.def("lora_shrink(Tensor x, Tensor lora_A, float dropout_p, int seed) -> Tensor");
-  m.def("lora_expand_(Tensor(a!) y, Tensor s, Tensor lora_B, float scaling) -> ()");
+  m.def(
+      "lora_expand(Tensor s, Tensor lora_B, Tensor? bias, float scaling, ScalarType out_dtype) "
+      "-> Tensor");
   m.def(
       "lora_grad_s_b(Tensor dy, Tensor s, Tensor lora_B, float scaling, bool need_dB) "
       "-> (Tensor, Tensor)");
   m.def(
-      "lora_dropout_expand_(Tensor(a!) dx, Tensor ds, Tensor lora_A, float dropout_p, int seed) "
-      "-> ()");
-  m.def("lora_grad_a(Tensor ds, Tensor x, float dropout_p, int seed) -> Tensor");
+      "lora_grad_x_a(Tensor ds, Tensor x, Tensor lora_A, float dropout_p, int seed, bool need_dx, "
+      "bool need_dA) -> (Tensor, Tensor)");
   m.def(
       "prefix_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor prefix_k, Tensor prefix_v, "
       "Tensor? key_padding_mask, bool causal, float scale) -> (Tensor, Tensor)");
@@ -57,10 +60,9 @@ TORCH_LIBRARY(lora_kernels_cuda, m) {
 
 #define LK_REGISTER_IMPLS(m)                                          \
   m.impl("lora_shrink", &lora_kernels::lora_shrink);                  \
-  m.impl("lora_expand_", &lora_kernels::lora_expand_);                \
+  m.impl("lora_expand", &lora_kernels::lora_expand);                  \
   m.impl("lora_grad_s_b", &lora_kernels::lora_grad_s_b);              \
-  m.impl("lora_dropout_expand_", &lora_kernels::lora_dropout_expand_); \
-  m.impl("lora_grad_a", &lora_kernels::lora_grad_a);                  \
+  m.impl("lora_grad_x_a", &lora_kernels::lora_grad_x_a);              \
   m.impl("prefix_attention_fwd", &lora_kernels::prefix_attention_fwd); \
   m.impl("prefix_attention_bwd", &lora_kernels::prefix_attention_bwd)
 

@@ -29,10 +29,20 @@ _LAZY = {
     "LoRALinear": ".nn",
 }
 
+# Subpackages imported on first attribute access (`lk.nn.LoRALinear` works after a bare
+# `import lora_kernels`); only `tuning`, `integrations` and `training` reach transformers.
+_SUBMODULES = ("nn", "tuning", "integrations", "training", "reference", "triton", "cuda", "cli")
+
 __all__ = ["lora_linear", "prefix_attention", "set_backend", "get_backend", "__version__", *_LAZY]
 
 
 def __getattr__(name: str):
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name], __name__), name)
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
     raise AttributeError(f"module 'lora_kernels' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY, *_SUBMODULES})

@@ -1,10 +1,11 @@
-"""Which backends exist, what each supports, and how one is chosen.
+"""Which backends exist, what each supports, and how one is chosen: the one dispatch of the
+package, shared by every op.
 
 Three backends serve every operator:
 
 - ``cuda``:   the compiled extension built from ``csrc/`` (CUDA tensors only).
 - ``triton``: the Triton kernels (CUDA tensors, or CPU tensors under ``TRITON_INTERPRET=1``).
-- ``torch``:  plain PyTorch, the fallback everywhere and the test oracle.
+- ``torch``:  plain PyTorch, the fallback everywhere (cuBLAS and SDPA's fused kernels on CUDA).
 
 Choice, first match wins: the ``backend=`` argument of an op, :func:`set_backend`, the
 ``LORA_KERNELS_BACKEND`` environment variable, else ``"auto"``. ``auto`` takes, on CUDA
@@ -13,16 +14,26 @@ check (:data:`GPU_VALIDATED`); on CPU tensors, ``torch``. An explicit request th
 the inputs raises a ``ValueError`` listing every backend's reasons; an automatic fallback is
 silent except for one debug log line.
 
-Each op registers, per backend, a function ``reasons(**inputs) -> list[str]`` that says why
-that backend cannot serve those inputs (empty list: it can).
+An op declares, with :func:`register_op`, the module of each backend (imported on first use by
+:func:`load`). A backend module holds the backend contract (``forward``, ``backward``,
+``not_supported_reasons(**inputs) -> list[str]``) and its capabilities as data,
+``CAPABILITIES = Capabilities(...)`` (devices, dtypes, head dims, rank, dropout, after the
+``SUPPORTED_*`` attributes of xformers' operators); its ``not_supported_reasons`` explains them
+with :meth:`Capabilities.reasons` and adds what is not data (grid limits, compute capability).
+
+Under ``torch.compile`` an op calls :func:`choose_static` with static stand-ins of its inputs:
+the choice is made once at trace time and is a constant of the graph.
 """
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from types import ModuleType
 
 import torch
 
@@ -39,7 +50,52 @@ GPU_VALIDATED: frozenset[tuple[str, str]] = frozenset()
 
 _chosen: str | None = None
 _support: dict[str, dict[str, Callable[..., list[str]]]] = {}
+_modules: dict[str, dict[str, str]] = {}
+_loaded: dict[str, ModuleType] = {}
 _logged_fallbacks: set[tuple[str, str, str]] = set()
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What one backend of one op serves, as data; ``None`` means any.
+
+    devices: tensor device types; dtypes: compute dtypes; head_dims / max_head_dim: attention
+    head dims; max_rank: LoRA rank; dropout: whether dropout in training is served.
+    """
+
+    devices: tuple[str, ...] | None = None
+    dtypes: tuple[torch.dtype, ...] | None = None
+    head_dims: tuple[int, ...] | None = None
+    max_head_dim: int | None = None
+    max_rank: int | None = None
+    dropout: bool = True
+
+    def reasons(self, tensors: Mapping[str, torch.Tensor], *, head_dim: int | None = None,
+                rank: int | None = None, dropout: bool = False) -> list[str]:
+        """Why these inputs fall outside the capabilities (empty: they do not). ``tensors``:
+        the named tensors whose device and dtype count; ``dropout``: dropout in training."""
+        out = []
+        for name, t in tensors.items():
+            if self.devices is not None and t.device.type not in self.devices:
+                out.append(f"{name} is on {t.device.type}; this backend needs "
+                           f"{' or '.join(self.devices)} tensors")
+            if self.dtypes is not None and t.dtype not in self.dtypes:
+                allowed = ", ".join(_dtype_name(d) for d in self.dtypes)
+                out.append(f"{name} dtype {_dtype_name(t.dtype)} is not supported ({allowed})")
+        if head_dim is not None and self.head_dims is not None and head_dim not in self.head_dims:
+            out.append(f"head dim {head_dim} is not supported "
+                       f"({', '.join(map(str, self.head_dims))})")
+        if head_dim is not None and self.max_head_dim is not None and head_dim > self.max_head_dim:
+            out.append(f"head dim {head_dim} is not supported (up to {self.max_head_dim})")
+        if rank is not None and self.max_rank is not None and rank > self.max_rank:
+            out.append(f"rank {rank} > {self.max_rank} is not supported")
+        if dropout and not self.dropout:
+            out.append("dropout in training is not supported by this backend (torch serves it)")
+        return out
 
 
 def set_backend(name: str | None) -> None:
@@ -88,9 +144,9 @@ def interpreter_enabled() -> bool:
 
 def cuda_available_reasons(device: torch.device | None = None) -> list[str]:
     """Why the compiled CUDA extension cannot run on ``device`` (empty: it can)."""
-    from . import _cuda
+    from .cuda import extension
 
-    reason = _cuda.unavailable_reason()
+    reason = extension.unavailable_reason()
     if reason:
         return [reason]
     if device is not None and device.type != "cuda":
@@ -108,10 +164,56 @@ def available_reasons(backend: str, device: torch.device | None = None) -> list[
     return cuda_available_reasons(device)
 
 
+# ----------------------------------------------------------------------------- registry
+
+
+def register_op(op: str, modules: Mapping[str, str]) -> None:
+    """Declare the module implementing ``op`` for each backend (``{"torch": "pkg.mod", ...}``);
+    each is imported on first use and asked ``not_supported_reasons(**inputs)``."""
+    for backend, path in modules.items():
+        _check_name(backend, "register_op")
+        _modules.setdefault(op, {})[backend] = path
+        register_support(op, backend, _module_reasons(op, backend))
+
+
+def _module_reasons(op: str, backend: str) -> Callable[..., list[str]]:
+    def reasons(**inputs) -> list[str]:
+        try:
+            module = load(op, backend)
+        except ImportError as exc:  # e.g. triton missing, or the cuda wrappers not in this build
+            return [f"{_modules[op][backend]} cannot be imported ({exc})"]
+        return list(module.not_supported_reasons(**inputs))
+
+    return reasons
+
+
 def register_support(op: str, backend: str, reasons: Callable[..., list[str]]) -> None:
     """Register ``reasons(**inputs) -> list[str]``: why ``backend`` cannot serve ``op``."""
     _check_name(backend, "register_support")
     _support.setdefault(op, {})[backend] = reasons
+
+
+def load(op: str, backend: str) -> ModuleType:
+    """The module of ``backend`` for ``op``, imported on first use. Every backend module is
+    imported by the first eager choice that asks it, so the custom ops, which run eagerly
+    even under ``torch.compile``, only look it up."""
+    path = _modules[op][backend]
+    module = _loaded.get(path)
+    if module is None:
+        module = _loaded[path] = importlib.import_module(path)
+    return module
+
+
+def capabilities(op: str, backend: str) -> Capabilities | None:
+    """The declared :class:`Capabilities` of ``backend`` for ``op`` (None if it declares none
+    or cannot be imported)."""
+    try:
+        return getattr(load(op, backend), "CAPABILITIES", None)
+    except ImportError:
+        return None
+
+
+# ----------------------------------------------------------------------------- choice
 
 
 def not_supported_reasons(op: str, backend: str, device: torch.device, **inputs) -> list[str]:
@@ -148,6 +250,28 @@ def choose(op: str, requested: str | None, device: torch.device, **inputs) -> st
                 _log_fallback(op, candidate, device)
             return candidate
     raise ValueError(_explain(op, "auto", device, inputs))  # torch always serves
+
+
+def spec(shape: tuple[int, ...], dtype: torch.dtype) -> tuple:
+    """A static description of a tensor for :func:`choose_static`: its shape, with every size
+    that may vary between calls (batch, sequence, tokens) given as 1, and its dtype."""
+    return ("tensor", tuple(int(s) for s in shape), dtype)
+
+
+@torch.compiler.assume_constant_result
+def choose_static(op: str, requested: str | None, device: torch.device,
+                  inputs: tuple[tuple[str, object], ...]) -> str:
+    """:func:`choose` for ``torch.compile``: ``inputs`` is a tuple of ``(name, value)`` with
+    each tensor given as :func:`spec`. Run once at trace time on stand-ins (one element each,
+    expanded to the shape: no memory); the result is a constant of the graph."""
+
+    def stand_in(value):
+        if isinstance(value, tuple) and len(value) == 3 and value[0] == "tensor":
+            _, shape, dtype = value
+            return torch.empty((1,) * len(shape), dtype=dtype, device=device).expand(*shape)
+        return value
+
+    return choose(op, requested, device, **{name: stand_in(v) for name, v in inputs})
 
 
 def _explain(op: str, requested: str, device: torch.device, inputs: dict) -> str:

@@ -1,5 +1,8 @@
 """The `lora-kernels` command: `info` (versions and backends), `finetune` (one tuning method on
-a local model folder and a .jsonl/.csv data file)."""
+a local model folder and a .jsonl/.csv data file), `predict` (label a file with a finetune run).
+
+A bad argument or data file ends the command with one line on stderr and exit status 2, before
+any model is loaded and before anything is written."""
 
 from __future__ import annotations
 
@@ -35,10 +38,20 @@ def _info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
-    from .training.finetune import add_arguments
+class _Parser(argparse.ArgumentParser):
+    """argparse with a one-line error (no usage block) and exit status 2."""
 
-    add_arguments(parser)
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each option's default, except where there is none (None) or it is a flag."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
 
 
 def _finetune(args: argparse.Namespace) -> int:
@@ -47,25 +60,53 @@ def _finetune(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def _predict(args: argparse.Namespace) -> int:
+    from .training.predict import run
+
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lora-kernels", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    from .training import finetune, predict  # argument definitions only: no transformers import
+
+    parser = _Parser(prog="lora-kernels", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     p_info = sub.add_parser("info", help="versions, available backends and why not the others")
     p_info.set_defaults(func=_info)
     p_ft = sub.add_parser(
-        "finetune",
+        "finetune", formatter_class=_HelpFormatter,
         help="fine-tune a local model folder on a .jsonl/.csv file with one method",
         description="Fine-tune a local model folder on a .jsonl/.csv file with one method "
-        "(full, prompt, prefix, lora); saves the adapter in PEFT's format and metrics.json.",
+        "(full, prompt, prefix, lora); saves the adapter in PEFT's format (the whole model for "
+        "full), metrics.json, training.png and a checkpoint per epoch.",
     )
-    _add_finetune_arguments(p_ft)
+    finetune.add_arguments(p_ft)
     p_ft.set_defaults(func=_finetune)
+    p_pr = sub.add_parser(
+        "predict", formatter_class=_HelpFormatter,
+        help="label a .jsonl/.csv file with a classification run of finetune",
+        description="Label the texts of a .jsonl/.csv file with a finetune run (its --out folder); "
+        "scores accuracy and macro-F1 when the file has labels.",
+    )
+    predict.add_arguments(p_pr)
+    p_pr.set_defaults(func=_predict)
     return parser
+
+
+def _one_line(message: str) -> str:
+    return "; ".join(line.strip() for line in str(message).splitlines() if line.strip())
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    from .training.arguments import UsageError
+    from .training.data import DataError
+
+    try:
+        return args.func(args)
+    except (UsageError, DataError) as e:
+        print(f"lora-kernels {args.command}: error: {_one_line(e)}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -60,9 +60,9 @@ def pytest_configure(config):
 
 def pytest_collection_modifyitems(config, items):
     has_gpu = torch.cuda.is_available()
-    from lora_kernels import _cuda
+    from lora_kernels.cuda import extension
 
-    ext_reason = _cuda.unavailable_reason()
+    ext_reason = extension.unavailable_reason()
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:
         if "gpu" in item.keywords and not has_gpu:

@@ -1,4 +1,4 @@
-"""Shared test helpers: the tolerance rule of DESIGN.md.
+"""Shared test helpers: the tolerance rule of the test oracle (docs/ARCHITECTURE.md).
 
 A fused result passes when its error against the float64 reference is at most about twice
 the error of the same-dtype PyTorch path, plus a small floor in units of the dtype's epsilon

@@ -43,20 +43,30 @@ def make_inputs(T, in_f, out_f, r, dtype, *, adapter_dtype=None, bias=True, tran
 def mask_of(backend: str, T: int, in_f: int, p: float, seed: int, device="cpu") -> torch.Tensor:
     """The keep-mask (T, in) a backend draws for (seed, shape): read back through ``s`` with
     ``x = 1`` and ``A`` = 256-row blocks of the identity (the mask depends on the seed and the
-    element index only, not on A)."""
+    element index only, not on A). For the triton backend, also checks that the bits it stores
+    in ``s`` for the backward are the mask it applied."""
     if p == 0:
         return torch.ones(T, in_f, dtype=torch.bool, device=device)
     mod = backend_module(backend)
     x = torch.ones(T, in_f, device=device)
     eye = torch.eye(in_f, device=device)
-    blocks = []
+    blocks, stored = [], []
     for c0 in range(0, in_f, 256):
         a = eye[c0 : c0 + 256]
         _, s = mod.forward(x, torch.zeros(1, in_f, device=device), None, a,
                            torch.zeros(1, a.shape[0], device=device), 1.0, p, seed)
-        assert torch.all((s == 0) | ((s - 1 / (1 - p)).abs() < 1e-5)), "s is not a scaled 0/1 mask"
-        blocks.append(s != 0)
-    return torch.cat(blocks, dim=1)
+        s_r = s[:, : a.shape[0]]
+        scaled_01 = (s_r == 0) | ((s_r - 1 / (1 - p)).abs() < 1e-5)
+        assert torch.all(scaled_01), "s is not a scaled 0/1 mask"
+        blocks.append(s_r != 0)
+        if backend == "triton":
+            from lora_kernels.triton.lora_dropout import unpack_keep
+
+            stored.append(unpack_keep(s, a.shape[0], in_f))
+    keep = torch.cat(blocks, dim=1)
+    for bits in stored:
+        assert torch.equal(bits, keep), "the stored mask bits differ from the mask applied"
+    return keep
 
 
 def formula(x, weight, bias, lora_A, lora_B, scaling, keep=None, p=0.0):
@@ -97,3 +107,27 @@ def check_against_reference(got, inputs, scaling, dy, keep, p, needs=(True,) * 5
         assert g is not None, f"{name}: missing gradient"
         assert g.dtype == b.dtype, f"{name}: dtype {g.dtype}, expected {b.dtype}"
         assert_close_to_reference(g, r, b, name=name)
+
+
+def philox_keep(T: int, in_f: int, p: float, seed: int) -> torch.Tensor:
+    """The Triton backend's keep-mask by its definition (lora_kernels/triton/lora_dropout.py),
+    computed independently in numpy: Philox4x32-10 with key = the 64-bit seed and counter =
+    (column // 8, row, 0, 0); column 8 g + i keeps when half i % 2 of word i // 2 is
+    >= round(65536 p)."""
+    import numpy as np
+
+    m32 = np.uint64(0xFFFFFFFF)
+    g, rows = np.meshgrid(np.arange((in_f + 7) // 8, dtype=np.uint64),
+                          np.arange(T, dtype=np.uint64))
+    c = [g, rows, np.zeros_like(g), np.zeros_like(g)]
+    seed &= (1 << 64) - 1
+    k0, k1 = np.uint64(seed & 0xFFFFFFFF), np.uint64(seed >> 32)
+    for _ in range(10):
+        prod_b, prod_a = np.uint64(0xCD9E8D57) * c[2], np.uint64(0xD2511F53) * c[0]
+        c = [(prod_b >> np.uint64(32)) ^ c[1] ^ k0, prod_b & m32,
+             (prod_a >> np.uint64(32)) ^ c[3] ^ k1, prod_a & m32]
+        k0, k1 = (k0 + np.uint64(0x9E3779B9)) & m32, (k1 + np.uint64(0xBB67AE85)) & m32
+    words = np.stack(c, axis=-1)  # (T, G, 4)
+    halves = np.stack([words & np.uint64(0xFFFF), words >> np.uint64(16)], axis=-1)  # (T, G, 4, 2)
+    keep = halves.reshape(T, -1)[:, :in_f] >= min(round(p * 65536), 65536)
+    return torch.from_numpy(keep)

@@ -58,3 +58,15 @@ def check_against_oracle(got_out, got_grads, inputs, causal, scale, dout):
         assert got.dtype == dtype, f"d{n}: dtype {got.dtype}"
         assert_close_to_reference(got.reshape(ref.shape), ref, base_grads[n], f"d{n}",
                                   floor_eps=floor_eps)
+
+
+def run_triton(inputs, causal, scale, dout, device="cpu"):
+    """Forward and backward of the Triton backend on ``device``: (out, lse, grads by name)."""
+    from lora_kernels.triton import prefix_attention as T
+
+    t = {n: (None if x is None else x.to(device)) for n, x in inputs.items()}
+    out, lse = T.forward(t["q"], t["k"], t["v"], t["prefix_k"], t["prefix_v"],
+                         t["key_padding_mask"], causal, scale)
+    grads = T.backward(dout.to(out.dtype).to(device), t["q"], t["k"], t["v"], t["prefix_k"],
+                       t["prefix_v"], t["key_padding_mask"], out, lse, causal, scale)
+    return out.cpu(), lse.cpu(), {n: (None if g is None else g.cpu()) for n, g in zip(NAMES, grads)}

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lora_kernels import _cuda
+from lora_kernels.cuda import extension
 
 ROOT = Path(__file__).resolve().parents[1]
 cuda_ext = pytest.mark.cuda_ext
@@ -31,9 +31,9 @@ def lib():
 @pytest.fixture
 def fresh_loader():
     """Let a test patch the loader; the cached import result is restored afterwards."""
-    _cuda._reset_for_tests()
-    yield _cuda
-    _cuda._reset_for_tests()
+    extension._reset_for_tests()
+    yield extension
+    extension._reset_for_tests()
 
 
 # --- the extension itself ---------------------------------------------------------------------
@@ -41,11 +41,11 @@ def fresh_loader():
 
 @cuda_ext
 def test_extension_imports_and_matches_torch():
-    module = _cuda.load()
+    module = extension.load()
     assert module.__name__ == "lora_kernels._C"
-    assert module.torch_version == _cuda._torch_base_version(torch.__version__)
+    assert module.torch_version == extension._torch_base_version(torch.__version__)
     assert module.cuda_runtime_version > 0
-    assert _cuda.unavailable_reason() in (None, _cuda.NO_GPU)
+    assert extension.unavailable_reason() in (None, extension.NO_GPU)
 
 
 @cuda_ext
@@ -74,17 +74,18 @@ def test_lora_fakes_on_meta(lib, dtype, need_db):
     x = torch.empty(T, n_in, dtype=dtype, **meta)
     a = torch.empty(r, n_in, dtype=torch.float32, **meta)
     b = torch.empty(n_out, r, dtype=torch.float32, **meta)
-    y = torch.empty(T, n_out, dtype=dtype, **meta)
+    bias = torch.empty(n_out, dtype=dtype, **meta)
     s = lib.lora_shrink(x, a, 0.1, 123)
     assert s.shape == (T, r) and s.dtype == torch.float32 and s.device.type == "meta"
-    assert lib.lora_expand_(y, s, b, 2.0) is None
+    y = lib.lora_expand(s, b, bias if need_db else None, 2.0, dtype)
+    assert y.shape == (T, n_out) and y.dtype == dtype and y.device.type == "meta"
     ds, db = lib.lora_grad_s_b(y, s, b, 2.0, need_db)
     assert ds.shape == (T, r) and ds.dtype == torch.float32
     assert db.shape == ((n_out, r) if need_db else (0,)) and db.dtype == torch.float32
-    dx = torch.empty(T, n_in, dtype=dtype, **meta)
-    assert lib.lora_dropout_expand_(dx, ds, a, 0.1, 123) is None
-    da = lib.lora_grad_a(ds, x, 0.1, 123)
-    assert da.shape == (r, n_in) and da.dtype == torch.float32
+    for need_dx, need_da in [(True, True), (need_db, not need_db)]:
+        dx, da = lib.lora_grad_x_a(ds, x, a, 0.1, 123, need_dx, need_da)
+        assert dx.shape == ((T, n_in) if need_dx else (0,)) and dx.dtype == dtype
+        assert da.shape == ((r, n_in) if need_da else (0,)) and da.dtype == torch.float32
 
 
 @cuda_ext
@@ -138,11 +139,11 @@ def test_lora_ops_reject_cpu_tensors(lib):
     s = torch.randn(4, 3)
     calls = {
         "lora_shrink: x must be a CUDA tensor": lambda: lib.lora_shrink(x, a, 0.0, 0),
-        "lora_expand_: y must be a CUDA tensor": lambda: lib.lora_expand_(y, s, b, 1.0),
+        "lora_expand: s must be a CUDA tensor": lambda: lib.lora_expand(s, b, None, 1.0,
+                                                                        torch.float32),
         "lora_grad_s_b: dy must be a CUDA tensor": lambda: lib.lora_grad_s_b(y, s, b, 1.0, True),
-        "lora_dropout_expand_: dx must be a CUDA tensor": lambda: lib.lora_dropout_expand_(
-            x, s, a, 0.0, 0),
-        "lora_grad_a: ds must be a CUDA tensor": lambda: lib.lora_grad_a(s, x, 0.0, 0),
+        "lora_grad_x_a: ds must be a CUDA tensor": lambda: lib.lora_grad_x_a(
+            s, x, a, 0.0, 0, True, True),
     }
     for message, call in calls.items():
         with pytest.raises(RuntimeError, match=message):
@@ -161,15 +162,26 @@ def test_lora_ops_reject_bad_shapes_and_dtypes(lib):
         (lambda: lib.lora_shrink(x.double(), a, 0.0, 0),
          "lora_shrink: x must be float32, float16 or bfloat16, got float64"),
         (lambda: lib.lora_shrink(x, a, 1.0, 0), r"lora_shrink: dropout_p must be in \[0, 1\), got 1"),
-        (lambda: lib.lora_expand_(y, s.half(), b, 1.0), "lora_expand_: s must be float32, got float16"),
-        (lambda: lib.lora_expand_(y, s, torch.randn(6, 3), 1.0),
-         r"lora_expand_: lora_B must have out_features \(y.size\(1\)\) = 5"),
+        (lambda: lib.lora_expand(s.half(), b, None, 1.0, torch.float32),
+         "lora_expand: s must be float32, got float16"),
+        (lambda: lib.lora_expand(s, torch.randn(5, 4), None, 1.0, torch.float32),
+         r"lora_expand: lora_B must have rank \(s.size\(1\)\) = 3"),
+        (lambda: lib.lora_expand(s, b, torch.randn(6), 1.0, torch.float32),
+         r"lora_expand: bias must have out_features \(lora_B.size\(0\)\) = 5"),
+        (lambda: lib.lora_expand(s, b, torch.randn(5).half(), 1.0, torch.float32),
+         "lora_expand: bias must be float32, got float16"),
+        (lambda: lib.lora_expand(s, b, None, 1.0, torch.float64),
+         "lora_expand: out_dtype must be float32, float16 or bfloat16, got float64"),
         (lambda: lib.lora_grad_s_b(y, torch.randn(5, 3), b, 1.0, True),
          r"lora_grad_s_b: s must have tokens \(dy.size\(0\)\) = 4"),
-        (lambda: lib.lora_dropout_expand_(x, s, torch.randn(2, 6), 0.0, 0),
-         r"lora_dropout_expand_: lora_A must have rank \(ds.size\(1\)\) = 3"),
-        (lambda: lib.lora_grad_a(s, torch.randn(5, 6), 0.0, 0),
-         r"lora_grad_a: ds must have tokens \(x.size\(0\)\) = 5"),
+        (lambda: lib.lora_grad_x_a(s, x, torch.randn(2, 6), 0.0, 0, True, True),
+         r"lora_grad_x_a: lora_A must have rank \(ds.size\(1\)\) = 3"),
+        (lambda: lib.lora_grad_x_a(s, torch.randn(5, 6), a, 0.0, 0, True, True),
+         r"lora_grad_x_a: ds must have tokens \(x.size\(0\)\) = 5"),
+        (lambda: lib.lora_grad_x_a(s, x, torch.randn(3, 7), 0.0, 0, True, True),
+         r"lora_grad_x_a: lora_A must have in_features \(x.size\(1\)\) = 6"),
+        (lambda: lib.lora_grad_x_a(s, x, a, -0.1, 0, True, True),
+         r"lora_grad_x_a: dropout_p must be in \[0, 1\), got -0.1"),
     ]
     for call, message in cases:
         with pytest.raises(RuntimeError, match=message):
@@ -269,7 +281,7 @@ def test_cuda_backend_never_auto_selected_until_validated():
 @pytest.mark.parametrize("version, base", [("2.14.1+cu130", "2.14.1"), ("2.11.0a0+git1234", "2.11.0"),
                                            ("2.11.0", "2.11.0"), ("2.12.0.dev20260101", "2.12.0")])
 def test_loader_compares_release_numbers(version, base):
-    assert _cuda._torch_base_version(version) == base
+    assert extension._torch_base_version(version) == base
 
 
 def test_loader_reason_not_built(fresh_loader, monkeypatch):
@@ -296,13 +308,13 @@ def test_loader_reason_other_torch(fresh_loader, monkeypatch):
     fake.torch_version = "1.0.0"
     monkeypatch.setattr(fresh_loader.importlib.util, "find_spec", lambda name: object())
     monkeypatch.setattr(fresh_loader.importlib, "import_module", lambda name: fake)
-    running = _cuda._torch_base_version(torch.__version__)
+    running = extension._torch_base_version(torch.__version__)
     assert fresh_loader.unavailable_reason() == f"built for torch 1.0.0, running torch {running}"
 
 
 def test_loader_reason_no_gpu(fresh_loader, monkeypatch):
     fake = types.ModuleType("lora_kernels._C")
-    fake.torch_version = _cuda._torch_base_version(torch.__version__)
+    fake.torch_version = extension._torch_base_version(torch.__version__)
     monkeypatch.setattr(fresh_loader.importlib.util, "find_spec", lambda name: object())
     monkeypatch.setattr(fresh_loader.importlib, "import_module", lambda name: fake)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
@@ -318,8 +330,9 @@ def test_package_works_without_extension():
     code = (
         "import sys; sys.modules['lora_kernels._C'] = None\n"
         "import torch, lora_kernels\n"
-        "from lora_kernels import _cuda, backends, cli\n"
-        "assert _cuda.unavailable_reason() == 'extension not built', _cuda.unavailable_reason()\n"
+        "from lora_kernels import backends, cli\n"
+        "from lora_kernels.cuda import extension\n"
+        "assert extension.unavailable_reason() == 'extension not built', extension.unavailable_reason()\n"
         "assert backends.available_reasons('cuda') == ['extension not built']\n"
         "cli.main(['info'])\n"
     )

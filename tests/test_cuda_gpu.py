@@ -1,7 +1,9 @@
 """The CUDA backend on a GPU: every output and gradient of both operators against a float64
 reference, at shapes that cross many blocks and at realistic bf16 sizes, directly through the
-backend modules and through the public ops with backend="cuda"; the dropout mask is the same in
-forward and backward. Skipped without a GPU (and without the extension)."""
+backend modules and through the public ops with backend="cuda"; the dropout mask is the
+documented Philox mask in forward and backward; gradients are bitwise deterministic. Skipped
+without a GPU (and without the extension). tests/test_cuda_emulated.py runs the same kernels in
+a CPU emulator."""
 
 from __future__ import annotations
 
@@ -9,6 +11,8 @@ import math
 
 import pytest
 import torch
+from cuda_reference import attention_inputs as _attention_inputs
+from cuda_reference import attention_torch, dropout_keep_mask, lora_torch
 from helpers import assert_close_to_reference
 
 pytestmark = [pytest.mark.gpu, pytest.mark.cuda_ext]
@@ -27,19 +31,11 @@ def lib():
 
 
 def dropout_mask(lib, T: int, n_in: int, p: float, seed: int) -> torch.Tensor:
-    """The kernels' keep mask (T, in) as float64 0/1, read through lora_dropout_expand_:
-    dx = 0 + mask * (ones(T, 1) @ ones(1, in)) / (1 - p)."""
-    dx = torch.zeros(T, n_in, device=DEV)
-    lib.lora_dropout_expand_(dx, torch.ones(T, 1, device=DEV), torch.ones(1, n_in, device=DEV), p,
-                             seed)
+    """The kernels' keep mask (T, in) as float64 0/1, read through lora_grad_x_a:
+    dx = mask * (ones(T, 1) @ ones(1, in)) / (1 - p)."""
+    dx, _ = lib.lora_grad_x_a(torch.ones(T, 1, device=DEV), torch.zeros(T, n_in, device=DEV),
+                              torch.ones(1, n_in, device=DEV), p, seed, True, False)
     return (dx.double() * (1 - p)).round()
-
-
-def lora_torch(x, w, b, a, bb, scaling, mask, p):
-    """Plain PyTorch LoRA linear in the inputs' dtypes (PEFT's way: x cast to the adapter dtype)."""
-    xd = x if mask is None else x * mask.to(x.dtype) / (1 - p)
-    y = torch.nn.functional.linear(x, w, b)
-    return y + (scaling * ((xd.to(a.dtype) @ a.t()) @ bb.t())).to(y.dtype)
 
 
 def lora_inputs(T, n_in, n_out, r, dtype, adapter_dtype, bias, layout="contiguous"):
@@ -118,19 +114,45 @@ def test_lora_backend_bf16_realistic(lib, adapter_dtype):
 def test_dropout_mask_same_in_forward_and_backward(lib):
     T, n_in, p, seed = 53, 37, 0.25, 777
     from_dx = dropout_mask(lib, T, n_in, p, seed)
+    # The documented mask: Philox4x32-10 with counter (i // 4, t, 0, 0), word i % 4.
+    torch.testing.assert_close(from_dx.cpu(), dropout_keep_mask(T, n_in, p, seed), rtol=0, atol=0)
     # Forward: shrink with x = 1 and A = I gives S = mask / (1 - p).
     s = lib.lora_shrink(torch.ones(T, n_in, device=DEV), torch.eye(n_in, device=DEV), p, seed)
     torch.testing.assert_close((s.double() * (1 - p)).round(), from_dx, rtol=0, atol=0)
-    # dA with dS = 1 and x = 1: column sums of the mask / (1 - p).
-    da = lib.lora_grad_a(torch.ones(T, 1, device=DEV), torch.ones(T, n_in, device=DEV), p, seed)
-    torch.testing.assert_close(da[0].double() * (1 - p), from_dx.sum(0), rtol=1e-5, atol=1e-3)
-    # Half-precision x takes the tensor-core path: same mask.
+    # dA with dS = 1 and x = 1: column sums of the mask / (1 - p), with the mask drawn by the dA
+    # kernel itself (need_dx False) and handed over packed by the dx kernel (both needed).
+    for need_dx in (False, True):
+        _, da = lib.lora_grad_x_a(torch.ones(T, 1, device=DEV), torch.ones(T, n_in, device=DEV),
+                                  torch.ones(1, n_in, device=DEV), p, seed, need_dx, True)
+        torch.testing.assert_close(da[0].double() * (1 - p), from_dx.sum(0), rtol=1e-5, atol=1e-3)
+    # Half-precision x: same mask.
     s16 = lib.lora_shrink(torch.ones(T, n_in, device=DEV, dtype=torch.bfloat16),
                           torch.eye(n_in, device=DEV, dtype=torch.bfloat16), p, seed)
     torch.testing.assert_close((s16.double() * (1 - p)).round(), from_dx, rtol=0, atol=0)
     # A pure function of (seed, index): repeatable, and another seed gives another mask.
     torch.testing.assert_close(dropout_mask(lib, T, n_in, p, seed), from_dx, rtol=0, atol=0)
     assert not torch.equal(dropout_mask(lib, T, n_in, p, seed + 1), from_dx)
+
+
+def test_lora_gradients_deterministic_and_mask_handover(lib):
+    """dS, dB, dA and dx are reduced in a fixed order (no atomics): bitwise equal run to run;
+    dA is the same whether the dx kernel hands the mask over or the dA kernel draws it."""
+    from lora_kernels.cuda import lora_linear as cl
+
+    x, w, _, a, bb = lora_inputs(2048, 1024, 768, 16, torch.bfloat16, torch.float32, False)
+    y, s = cl.forward(x, w, None, a, bb, 2.0, 0.1, 11)
+    dy = torch.randn_like(y)
+    needs = (True, False, False, True, True)
+    first = cl.backward(dy, x, w, a, bb, s, 2.0, 0.1, 11, needs)
+    second = cl.backward(dy, x, w, a, bb, s, 2.0, 0.1, 11, needs)
+    for name, g1, g2 in zip(("dx", "dweight", "dbias", "dA", "dB"), first, second):
+        assert (g1 is None) == (g2 is None), name
+        if g1 is not None:
+            assert torch.equal(g1, g2), name
+    d_a_alone = cl.backward(dy, x, w, a, bb, s, 2.0, 0.1, 11, (False, False, False, True, False))[3]
+    assert torch.equal(d_a_alone, first[3])
+    y2, s2 = cl.forward(x, w, None, a, bb, 2.0, 0.1, 11)
+    assert torch.equal(y, y2) and torch.equal(s, s2)
 
 
 @pytest.mark.parametrize("p", [0.1, 0.5])
@@ -174,47 +196,8 @@ def test_lora_public_op_with_cuda_backend(lib, dtype, fan_in_fan_out, monkeypatc
 # ================================ prefix_attention =============================================
 
 
-def attention_torch(q, k, v, pk, pv, kpm, causal, scale):
-    """Reference in the inputs' dtype: concatenated keys, explicit mask, safe softmax (a row that
-    sees no key gives 0), GQA by repeat_interleave. Returns (out, lse)."""
-    B, Hq, Lq, D = q.shape
-    Hkv, Lk = k.shape[1], k.shape[2]
-    P = pk.shape[2]
-    keep = torch.ones(B, 1, Lq, Lk, dtype=torch.bool, device=q.device)
-    if causal:
-        keep = keep & torch.ones(Lq, Lk, dtype=torch.bool, device=q.device).tril(Lk - Lq)
-    if kpm is not None:
-        keep = keep & kpm[:, None, None, :]
-    keys = torch.cat([pk.expand(B, -1, -1, -1), k], 2)
-    vals = torch.cat([pv.expand(B, -1, -1, -1), v], 2)
-    keep = torch.cat([keep.new_ones(B, 1, Lq, P), keep], -1)
-    rep = Hq // Hkv
-    keys, vals = keys.repeat_interleave(rep, 1), vals.repeat_interleave(rep, 1)
-    s = (q @ keys.transpose(-1, -2)) * scale
-    s = s.masked_fill(~keep, float("-inf"))
-    m = s.amax(-1, keepdim=True)
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))
-    e = torch.exp(s - m) * keep
-    denom = e.sum(-1, keepdim=True)
-    out = (e / denom.clamp_min(torch.finfo(denom.dtype).tiny)) @ vals
-    lse = (m + denom.log()).squeeze(-1)
-    return out, lse
-
-
 def attention_inputs(B, Hq, Hkv, Lq, Lk, P, D, bp, dtype, padded):
-    kw = dict(device=DEV)
-    q = torch.randn(B, Hq, Lq, D, **kw).to(dtype)
-    k = torch.randn(B, Hkv, Lk, D, **kw).to(dtype)
-    v = torch.randn(B, Hkv, Lk, D, **kw).to(dtype)
-    pk = torch.randn(bp, Hkv, P, D, **kw).to(dtype)
-    pv = torch.randn(bp, Hkv, P, D, **kw).to(dtype)
-    kpm = None
-    if padded:
-        kpm = torch.rand(B, Lk, **kw) > 0.3
-        kpm[0] = False  # a batch row whose sequence keys are all padded
-        if B > 1:
-            kpm[1] = True
-    return q, k, v, pk, pv, kpm
+    return _attention_inputs(B, Hq, Hkv, Lq, Lk, P, D, bp, dtype, padded, device=DEV)
 
 
 def check_attention_backend(B, Hq, Hkv, Lq, Lk, P, D, bp, dtype, causal, padded):
@@ -272,6 +255,32 @@ def test_attention_backend_matches_float64(shape, D, dtype, causal, padded, shar
 
 def test_attention_backend_bf16_realistic():
     check_attention_backend(2, 32, 8, 1024, 1024, 32, 128, 1, torch.bfloat16, True, False)
+
+
+@pytest.mark.parametrize("Lq", [1, 5, 16])
+@pytest.mark.parametrize("shared_prefix", [True, False])
+def test_attention_backend_decode_gqa(Lq, shared_prefix):
+    """Decoding: a few queries over a long cache, grouped-query heads, padding, a prefix."""
+    B = 3
+    check_attention_backend(B, 16, 4, Lq, 1000, 32, 128, 1 if shared_prefix else B,
+                            torch.bfloat16, True, True)
+
+
+@pytest.mark.parametrize("D", [64, 128])
+def test_attention_backward_deterministic(D):
+    """No atomics: the backward, including a prefix shared by a batch of 8 (its gradient summed
+    over batch chunks in a fixed order), is bitwise equal run to run."""
+    from lora_kernels.cuda import prefix_attention as ca
+
+    q, k, v, pk, pv, kpm = attention_inputs(8, 8, 2, 300, 300, 40, D, 1, torch.bfloat16, True)
+    out, lse = ca.forward(q, k, v, pk, pv, kpm, True, D ** -0.5)
+    out2, lse2 = ca.forward(q, k, v, pk, pv, kpm, True, D ** -0.5)
+    assert torch.equal(out, out2) and torch.equal(lse, lse2)
+    dout = torch.randn_like(out)
+    first = ca.backward(dout, q, k, v, pk, pv, kpm, out, lse, True, D ** -0.5)
+    second = ca.backward(dout, q, k, v, pk, pv, kpm, out, lse, True, D ** -0.5)
+    for name, g1, g2 in zip(("dq", "dk", "dv", "dprefix_k", "dprefix_v"), first, second):
+        assert torch.equal(g1, g2), name
 
 
 @pytest.mark.parametrize("layout", ["packed_qkv", "misaligned"])
@@ -349,12 +358,14 @@ def test_opcheck_every_op(lib):
     a = torch.randn(6, 50, device=DEV)
     b = torch.randn(29, 6, device=DEV)
     y = torch.randn(37, 29, device=DEV, dtype=torch.bfloat16)
+    bias = torch.randn(29, device=DEV, dtype=torch.bfloat16)
     s = lib.lora_shrink(x, a, 0.2, 7)
     torch.library.opcheck(lib.lora_shrink.default, (x, a, 0.2, 7))
-    torch.library.opcheck(lib.lora_expand_.default, (y.clone(), s, b, 1.5))
+    torch.library.opcheck(lib.lora_expand.default, (s, b, bias, 1.5, torch.bfloat16))
+    torch.library.opcheck(lib.lora_expand.default, (s, b, None, 1.5, torch.float32))
     torch.library.opcheck(lib.lora_grad_s_b.default, (y, s, b, 1.5, True))
-    torch.library.opcheck(lib.lora_dropout_expand_.default, (x.clone(), s, a, 0.2, 7))
-    torch.library.opcheck(lib.lora_grad_a.default, (s, x, 0.2, 7))
+    torch.library.opcheck(lib.lora_grad_x_a.default, (s, x, a, 0.2, 7, True, True))
+    torch.library.opcheck(lib.lora_grad_x_a.default, (s, x, a, 0.2, 7, False, True))
     q, k, v, pk, pv, kpm = attention_inputs(2, 4, 2, 33, 40, 7, 64, 1, torch.float16, True)
     out, lse = lib.prefix_attention_fwd(q, k, v, pk, pv, kpm, True, 0.125)
     torch.library.opcheck(lib.prefix_attention_fwd.default, (q, k, v, pk, pv, kpm, True, 0.125))

@@ -106,3 +106,71 @@ def test_torch_backend_on_cuda(dtypes):
     y, s, grads = _run(inputs, 2.0, p, 17, dy)
     keep = mask_of("torch", T, in_f, p, 17, device="cuda")
     check_against_reference([y, *grads], inputs, 2.0, dy, keep, p)
+
+
+# ----------------------------------------------------------------------------- the CUDA path
+# The CUDA path (bernoulli_ masks, one-kernel mixed-dtype updates) run on CPU tensors.
+
+
+@pytest.fixture
+def device_path(monkeypatch):
+    monkeypatch.setattr(ref, "DEVICE_PATH_ON_CPU", True)
+    monkeypatch.setattr(ref, "CHUNK_ELEMENTS", 300)  # several chunks at test sizes
+
+
+@pytest.mark.parametrize("dtypes", DTYPE_PAIRS, ids=lambda d: f"{d[0]}-{d[1]}".replace("torch.", ""))
+@pytest.mark.parametrize("p", [0.0, 0.3])
+def test_device_path_matches_float64_formula(device_path, dtypes, p):
+    dtype, adt = dtypes
+    T, in_f, out_f, r = 37, 48, 23, 8
+    inputs = make_inputs(T, in_f, out_f, r, dtype, adapter_dtype=adt, transposed_w=True)
+    dy = torch.randn(T, out_f, dtype=dtype)
+    y, s, grads = _run(inputs, 0.75, p, 1234, dy)
+    keep = mask_of("torch", T, in_f, p, 1234)
+    check_against_reference([y, *grads], inputs, 0.75, dy, keep, p)
+    if p:
+        chunks = keep.split(300 // in_f)
+        assert not torch.equal(chunks[0], chunks[1])  # not one chunk's mask repeated
+
+
+def test_device_path_mask_is_bernoulli_and_differs_from_cpu_stream(device_path, monkeypatch):
+    keep = mask_of("torch", 60, 200, 0.25, 31)
+    assert abs((1 - keep.float().mean().item()) - 0.25) < 0.025  # 12000 draws: sigma 0.004
+    monkeypatch.setattr(ref, "DEVICE_PATH_ON_CPU", False)
+    assert not torch.equal(keep, mask_of("torch", 60, 200, 0.25, 31))
+
+
+def _aten_calls(fn):
+    with torch.profiler.profile() as prof:
+        fn()
+    return [e.name for e in prof.events() if e.name.startswith("aten::")]
+
+
+def test_device_path_runs_gemms_and_few_elementwise_kernels(device_path):
+    """Forward and backward: dense GEMMs, one bernoulli_ per chunk of x and a handful of
+    elementwise passes per chunk; no matmul/linear/dropout ops, no CPU mask arithmetic."""
+    T, in_f, out_f, r, p = 40, 30, 20, 4, 0.2
+    x, w, b, a, bb = make_inputs(T, in_f, out_f, r, torch.bfloat16, adapter_dtype=torch.float32)
+    dy = torch.randn(T, out_f, dtype=torch.bfloat16)
+    chunks = -(-T // (300 // in_f))
+    state = {}
+
+    def fwd():
+        state["y"], state["s"] = ref.forward(x, w, b, a, bb, 2.0, p, 5)
+
+    def bwd():
+        ref.backward(dy, x, w, a, bb, state["s"], 2.0, p, 5, (True, False, False, True, True))
+
+    allowed = {"aten::mm", "aten::addmm", "aten::addmm_", "aten::bernoulli_", "aten::mul_",
+               "aten::addcmul_", "aten::add_", "aten::zeros_like", "aten::zero_", "aten::fill_",
+               "aten::copy_", "aten::to", "aten::_to_copy", "aten::empty", "aten::empty_like",
+               "aten::empty_strided", "aten::slice", "aten::t", "aten::transpose",
+               "aten::as_strided", "aten::expand", "aten::resolve_conj", "aten::resolve_neg",
+               "aten::view", "aten::lift_fresh", "aten::detach", "aten::alias",
+               "aten::promote_types", "aten::mul"}
+    for fn in (fwd, bwd):
+        calls = _aten_calls(fn)
+        assert set(calls) <= allowed, sorted(set(calls) - allowed)
+        assert calls.count("aten::bernoulli_") == chunks
+        elementwise = sum(calls.count(n) for n in ("aten::mul_", "aten::addcmul_", "aten::add_"))
+        assert elementwise <= 3 * chunks + 1

@@ -1,32 +1,39 @@
-"""The Triton kernels of lora_linear against the float64 formula (CPU: Triton's interpreter;
-the `gpu` tests run them on CUDA tensors at realistic sizes)."""
+"""The Triton kernels of lora_linear against the float64 formula in Triton's interpreter (CPU),
+the dropout mask's definition, and the launch hygiene a GPU needs (device guard, grid layout,
+autotune keys, seed specialisation). GPU runs at realistic sizes: test_lora_triton_gpu.py."""
+
+import contextlib
 
 import pytest
 import torch
 from helpers import DTYPES
-from lora_helpers import backend_module, check_against_reference, make_inputs, mask_of
+from lora_helpers import backend_module, check_against_reference, make_inputs, mask_of, philox_keep
+
+from lora_kernels.triton import _common
+from lora_kernels.triton import lora_dropout as drop
 
 tr = backend_module("triton")
 
 ALL = (True,) * 5
 FROZEN_W = (True, False, False, True, True)
-# (T, in, out, r, bias, transposed weight, strided x, dropout p, needs): every value of every
-# axis of the issue appears, in odd combinations, rather than the full cross product.
+ONLY_ADAPTERS = (False, False, False, True, True)
+# (T, in, out, r, bias, transposed weight (fan_in_fan_out), strided x, dropout p, needs): every
+# value of every axis appears, in odd combinations, rather than the full cross product.
 CASES = [
     (1, 5, 48, 1, True, False, False, 0.0, FROZEN_W),
-    (7, 123, 5, 8, False, True, False, 0.3, ALL),
-    (97, 48, 123, 64, True, False, True, 0.3, FROZEN_W),
-    (7, 48, 123, 1, True, True, True, 0.0, ALL),
-    (97, 123, 48, 8, False, False, False, 0.0, FROZEN_W),
-    (1, 123, 123, 64, True, False, True, 0.3, ALL),
-    (97, 5, 5, 8, True, True, False, 0.3, FROZEN_W),
+    (5, 123, 5, 7, False, True, False, 0.3, ALL),
+    (97, 48, 37, 16, True, False, True, 0.3, FROZEN_W),
+    (5, 48, 123, 1, True, True, True, 0.0, ALL),
+    (97, 37, 48, 7, False, False, False, 0.1, ONLY_ADAPTERS),
+    (1, 123, 37, 16, True, False, True, 0.3, ALL),
 ]
 
 
 def _run_and_check(inputs, scaling, p, seed, needs, dtype, T, out_f, in_f):
     x, w, b, a, bb = inputs
     y, s = tr.forward(x, w, b, a, bb, scaling, p, seed)
-    assert s.dtype == torch.float32 and s.shape == (T, a.shape[0])
+    assert s.dtype == torch.float32 and s.shape == (T, tr.saved_s_columns(in_f, a.shape[0], p))
+    assert torch.isfinite(s).all()  # the mask words too: torch.compile may compare s
     dy = torch.randn(T, out_f, dtype=dtype)
     needs = tuple(n and t is not None for n, t in zip(needs, inputs))
     grads = tr.backward(dy, x, w, a, bb, s, scaling, p, seed, needs)
@@ -42,20 +49,43 @@ def test_triton_matches_float64_formula(dtype, T, in_f, out_f, r, bias, tw, sx, 
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("p", [0.0, 0.3])
-def test_fp32_adapters_over_half_base(dtype, p):
-    inputs = make_inputs(29, 40, 37, 8, dtype, adapter_dtype=torch.float32, bias=True)
+@pytest.mark.parametrize("p,tw", [(0.0, False), (0.3, True)])
+def test_fp32_adapters_over_half_base(dtype, p, tw):
+    """PEFT's default: split-precision tensor-core dots must give fp32-accurate dA, dB."""
+    inputs = make_inputs(29, 40, 37, 7, dtype, adapter_dtype=torch.float32, bias=True,
+                         transposed_w=tw)
     _run_and_check(inputs, 2.0, p, 11, ALL, dtype, 29, 37, 40)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_rank_256(dtype):
-    inputs = make_inputs(5, 40, 24, 256, dtype, bias=False)
-    _run_and_check(inputs, 1 / 16, 0.1, 3, ALL, dtype, 5, 24, 40)
+def test_rank_256_in_chunks():
+    """Ranks above 64 run in chunks of 64 (grid and prologue loop)."""
+    inputs = make_inputs(5, 40, 24, 256, torch.bfloat16, adapter_dtype=torch.float32, bias=False)
+    _run_and_check(inputs, 1 / 16, 0.1, 3, ALL, torch.bfloat16, 5, 24, 40)
+
+
+def test_split_partials_are_summed(monkeypatch):
+    """Several dS/dB column groups and dA row chunks (its own pass, when x needs no gradient)
+    or row blocks (fused into the dX GEMM): the fixed-order partial sums, no atomics."""
+    inputs = make_inputs(40, 24, 150, 3, torch.float32, bias=False)
+    for needs in (ONLY_ADAPTERS, ALL):
+        with _recorded_launches(monkeypatch) as launches:
+            _run_and_check(inputs, 0.5, 0.2, 9, needs, torch.float32, 40, 150, 24)
+        args = {name: a for name, _, a, _ in launches}
+        assert args["ds_db"]["N_GROUPS"] > 1
+        if needs[0]:
+            assert args["dx"]["FUSE_DA"] and "da" not in args and 40 > tr.DA_BLOCK_M
+        else:
+            assert args["da"]["N_SPLIT"] > 1
+
+
+def test_rank_above_fused_da_limit():
+    """dA in its own pass beside the dX GEMM (rank > FUSE_DA_MAX_RANK)."""
+    inputs = make_inputs(37, 40, 24, 33, torch.bfloat16, adapter_dtype=torch.float32)
+    _run_and_check(inputs, 0.5, 0.1, 3, ALL, torch.bfloat16, 37, 24, 40)
 
 
 def test_broadcast_gradient_with_zero_strides():
-    """dY from y.sum().backward() is an expanded tensor (strides 0)."""
+    """dY from y.sum().backward() is an expanded tensor (strides 0): no TMA, pointer loads."""
     x, w, b, a, bb = make_inputs(9, 20, 7, 4, torch.float32)
     y, s = tr.forward(x, w, b, a, bb, 1.0, 0.0, 0)
     dy = torch.ones(()).expand(9, 7)
@@ -66,30 +96,178 @@ def test_broadcast_gradient_with_zero_strides():
 
 def test_strided_and_expanded_bias():
     """A bias that is a strided view or an expanded scalar (stride 0) is read by its strides."""
-    x, w, _, a, bb = make_inputs(9, 20, 7, 4, torch.float32)
-    for b in (torch.randn(14)[::2], torch.randn(1).expand(7)):
-        _run_and_check((x, w, b, a, bb), 0.5, 0.0, 0, ALL, torch.float32, 9, 7, 20)
+    x, w, _, a, bb = make_inputs(9, 20, 7, 4, torch.bfloat16)
+    bf16 = torch.bfloat16
+    for b in (torch.randn(14, dtype=bf16)[::2], torch.randn(1, dtype=bf16).expand(7)):
+        _run_and_check((x, w, b, a, bb), 0.5, 0.0, 0, ALL, torch.bfloat16, 9, 7, 20)
+
+
+def test_empty_rows_and_columns():
+    x, w, b, a, bb = make_inputs(0, 8, 6, 3, torch.float32)
+    y, s = tr.forward(x, w, b, a, bb, 1.0, 0.5, 1)
+    dx, dw, db, da, dB = tr.backward(torch.zeros(0, 6), x, w, a, bb, s, 1.0, 0.5, 1, ALL)
+    assert y.shape == (0, 6) and dx.shape == (0, 8)
+    assert torch.equal(da, torch.zeros_like(a)) and torch.equal(dB, torch.zeros_like(bb))
+    x, w, b, a, bb = make_inputs(4, 8, 0, 3, torch.float32, bias=False)
+    y, s = tr.forward(x, w, b, a, bb, 1.0, 0.5, 1)
+    dx, _, _, da, dB = tr.backward(torch.zeros(4, 0), x, w, a, bb, s, 1.0, 0.5, 1, ALL)
+    assert y.shape == (4, 0) and torch.equal(dx, torch.zeros(4, 8)) and dB.shape == (0, 3)
+    assert torch.equal(da, torch.zeros_like(a))
+
+
+# ----------------------------------------------------------------------------- dropout mask
+
+
+def test_mask_is_its_definition():
+    """Stored bits == the mask applied == Philox4x32-10 computed independently in numpy."""
+    for T, in_f, p, seed in [(5, 37, 0.3, 2**40 + 123), (3, 130, 0.1, 2**64 - 1), (2, 8, 0.5, 16)]:
+        assert torch.equal(mask_of("triton", T, in_f, p, seed), philox_keep(T, in_f, p, seed))
+
+
+def _stored_keep(T, in_f, p, seed):
+    """The mask as the forward stores it (rank 1: cheap in the interpreter); test_mask_is_its_
+    definition shows these bits are the mask applied."""
+    x, w, _, a, bb = make_inputs(T, in_f, 1, 1, torch.bfloat16)
+    _, s = tr.forward(x, w, None, a, bb, 1.0, p, seed)
+    return drop.unpack_keep(s, 1, in_f)
 
 
 def test_dropout_fraction_and_scale():
-    keep = mask_of("triton", 64, 256, 0.3, 123)
+    keep = _stored_keep(64, 256, 0.3, 123)
     frac = 1 - keep.float().mean().item()
     assert abs(frac - 0.3) < 0.015  # 16384 draws: sigma 0.0036
     # every row and column sees dropping (the mask is not constant along an axis)
     assert (~keep).any(0).float().mean() > 0.9 and (~keep).any(1).all()
 
 
-def test_mask_depends_on_seed_only():
+def test_mask_statistics_of_the_definition():
+    """On 2**19 draws of the definition (the kernels draw exactly it, see above): the drop rate,
+    and no correlation between the halves of a Philox word, its words, rows (sigma <= 0.004)."""
+    keep = philox_keep(512, 1024, 0.1, 2024)
+    assert abs((1 - keep.float().mean().item()) - 0.1) < 0.002  # sigma 0.0004
+    for a, b in [(keep[:, 0::2], keep[:, 1::2]), (keep[:, 0::8], keep[:, 2::8]),
+                 (keep[:, 0::8], keep[:, 7::8]), (keep[0::2], keep[1::2])]:
+        corr = torch.corrcoef(torch.stack([a.flatten().float(), b.flatten().float()]))[0, 1]
+        assert abs(corr) < 0.02
+
+
+def test_mask_depends_on_seed_and_element_only():
     m1 = mask_of("triton", 16, 40, 0.5, 7)
     assert torch.equal(m1, mask_of("triton", 16, 40, 0.5, 7))
     assert not torch.equal(m1, mask_of("triton", 16, 40, 0.5, 8))
-    # same element index -> same decision: the first 8 rows of a taller x draw the same mask
+    # same (row, column) -> same decision, whatever the other sizes
     assert torch.equal(m1[:8], mask_of("triton", 8, 40, 0.5, 7))
+    assert torch.equal(m1[:, :33], mask_of("triton", 16, 33, 0.5, 7))
 
 
 def test_large_seed():
     inputs = make_inputs(6, 9, 5, 2, torch.float32)
     _run_and_check(inputs, 1.0, 0.2, 2**62 + 12345, ALL, torch.float32, 6, 5, 9)
+
+
+def test_seed_words_are_always_int32():
+    """Two i32 launch arguments whatever the seed: no recompilation by the seed's type."""
+    for seed in (0, 1, 16, 2**31, 2**32 + 16, 2**62 + 1, 2**64 - 1, -1):
+        lo, hi = drop.seed_words(seed)
+        assert -(2**31) <= lo < 2**31 and -(2**31) <= hi < 2**31
+        assert ((hi & 0xFFFFFFFF) << 32 | (lo & 0xFFFFFFFF)) == seed & (2**64 - 1)
+
+
+# ----------------------------------------------------------------------------- launch hygiene
+
+
+def test_seed_and_threshold_not_specialised():
+    """Triton specialises int arguments equal to 1 or divisible by 16: a seed of 16 would
+    compile the kernel again mid-training (and break CUDA-graph capture)."""
+    fn = tr.KERNELS["shrink"].fn
+    if hasattr(fn, "params"):  # compiled: the JITFunction's parameters
+        names = {p.name for p in fn.params if p.do_not_specialize}
+    else:  # the interpreter keeps what triton.jit was given
+        names = set(fn.kwargs["do_not_specialize"])
+    assert {"seed_lo", "seed_hi", "thr"} <= names
+
+
+def test_autotune_keys_are_bucketed():
+    for name, kernel in tr.KERNELS.items():
+        assert "T_KEY" in kernel.keys, name
+        assert not {"T", "M"} & set(kernel.keys), f"{name}: exact length in the key"
+    assert [_common.pow2_bucket(n) for n in (1, 5, 97, 128, 4097)] == [1, 8, 128, 128, 8192]
+
+
+@contextlib.contextmanager
+def _recorded_launches(monkeypatch, call_through=True):
+    """Record (kernel name, grid, arguments by name, device guard's tensor) of every launch."""
+    launches, state = [], {"guarded": None}
+
+    @contextlib.contextmanager
+    def guard(t):
+        state["guarded"] = t
+        yield
+        state["guarded"] = None
+
+    monkeypatch.setattr(tr, "device_guard", guard)
+    for name, kernel in tr.KERNELS.items():
+        original = kernel.run
+
+        def run(*args, grid, warmup=False, _name=name, _original=original, _kernel=kernel, **kw):
+            meta = {**_kernel.configs[0].kwargs, **kw}
+            g = grid(meta) if callable(grid) else grid
+            launches.append((_name, tuple(g), {**dict(zip(_kernel.arg_names, args)), **kw},
+                             state["guarded"]))
+            if call_through:
+                return _original(*args, grid=grid, warmup=warmup, **kw)
+
+        monkeypatch.setattr(kernel, "run", run)
+    yield launches
+
+
+def test_every_launch_under_the_inputs_device_guard(monkeypatch):
+    x, w, b, a, bb = make_inputs(97, 24, 20, 3, torch.bfloat16)
+    with _recorded_launches(monkeypatch) as launches:
+        y, s = tr.forward(x, w, b, a, bb, 1.0, 0.1, 5)
+        for needs in (ALL, ONLY_ADAPTERS):  # dA fused into the dX GEMM, and on its own
+            tr.backward(torch.randn_like(y), x, w, a, bb, s, 1.0, 0.1, 5, needs)
+    assert {name for name, *_ in launches} == set(tr.KERNELS)
+    for name, _, args, guarded in launches:
+        assert guarded is x, f"{name} launched outside the device guard of x"
+        assert args["T_KEY"] == 128, f"{name}: T_KEY {args['T_KEY']} is not T = 97's bucket"
+
+
+def test_device_guard_picks_the_tensors_gpu():
+    class OnGpu1:  # stands in for a CUDA tensor: only .device is read
+        device = torch.device("cuda", 1)
+
+    assert _common.device_guard(OnGpu1()).idx == 1
+    assert isinstance(_common.device_guard(torch.empty(1)), contextlib.nullcontext)
+
+
+def test_grids_use_axis_0_only_at_huge_sizes(monkeypatch):
+    """Shapes far beyond the interpreter's reach, on the meta device (nothing runs): every grid
+    is 1-D, below 2**31, so no axis can exceed the 65,535 limit of axes 1 and 2."""
+    T, n = 1 << 22, 8192
+    dev = "meta"
+    x = torch.empty(T, n, dtype=torch.bfloat16, device=dev)
+    w = torch.empty(n, n, dtype=torch.bfloat16, device=dev)
+    a, bb = torch.empty(256, n, device=dev), torch.empty(n, 256, device=dev)
+    with _recorded_launches(monkeypatch, call_through=False) as launches:
+        y, s = tr.forward(x, w, None, a, bb, 1.0, 0.1, 5)
+        tr.backward(torch.empty_like(y), x, w, a, bb, s, 1.0, 0.1, 5, ALL)
+    assert len(launches) == 5
+    for name, grid, *_ in launches:
+        assert len(grid) == 1 and 0 < grid[0] < 2**31, (name, grid)
+        assert all(g <= _common.MAX_GRID_YZ for g in grid[1:])
+
+
+def test_no_zero_fill_of_what_kernels_write(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("zero-fill of a buffer the kernels overwrite")
+
+    x, w, b, a, bb = make_inputs(33, 24, 20, 3, torch.float16, adapter_dtype=torch.float32)
+    monkeypatch.setattr(torch, "zeros", refuse)
+    monkeypatch.setattr(torch, "zeros_like", refuse)
+    monkeypatch.setattr(torch.Tensor, "zero_", refuse)
+    y, s = tr.forward(x, w, b, a, bb, 1.0, 0.1, 5)
+    tr.backward(torch.randn_like(y), x, w, a, bb, s, 1.0, 0.1, 5, ALL)
 
 
 def test_not_supported_reasons():
@@ -99,71 +277,3 @@ def test_not_supported_reasons():
     assert any("rank 257" in r for r in tr.not_supported_reasons(x, w, b, a, bb, 0.0, True))
     x, w, b, a, bb = make_inputs(3, 4, 5, 2, torch.float16)
     assert tr.not_supported_reasons(x, w, b, a, bb, 0.1, True) == []
-
-
-# ----------------------------------------------------------------------------- GPU (real kernels)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("T,in_f,out_f,r,p", [(4099, 1024, 2048, 16, 0.1), (1000, 4096, 1031, 64, 0.0),
-                                              (77, 777, 333, 256, 0.3), (8192, 512, 512, 1, 0.0)])
-def test_gpu_realistic_sizes(dtype, T, in_f, out_f, r, p):
-    torch.manual_seed(0)
-    inputs = [t.cuda() if t is not None else None
-              for t in make_inputs(T, in_f, out_f, r, dtype, bias=True, strided_x=T == 77)]
-    x, w, b, a, bb = inputs
-    y, s = tr.forward(x, w, b, a, bb, 2.0, p, 42)
-    dy = torch.randn(T, out_f, dtype=dtype, device="cuda")
-    grads = tr.backward(dy, x, w, a, bb, s, 2.0, p, 42, ALL)
-    keep = mask_of("triton", T, in_f, p, 42, device="cuda")
-    check_against_reference([y, *grads], inputs, 2.0, dy, keep, p)
-
-
-@pytest.mark.gpu
-def test_gpu_bf16_mixed_and_repeatable():
-    inputs = [t.cuda() for t in make_inputs(2048, 1024, 1024, 16, torch.bfloat16,
-                                            adapter_dtype=torch.float32)]
-    x, w, b, a, bb = inputs
-    y1, s1 = tr.forward(x, w, b, a, bb, 2.0, 0.1, 5)
-    y2, s2 = tr.forward(x, w, b, a, bb, 2.0, 0.1, 5)
-    assert torch.equal(y1, y2) and torch.equal(s1, s2)
-    dy = torch.randn_like(y1)
-    g1 = tr.backward(dy, x, w, a, bb, s1, 2.0, 0.1, 5, ALL)
-    g2 = tr.backward(dy, x, w, a, bb, s1, 2.0, 0.1, 5, ALL)
-    for u, v in zip(g1, g2):  # dB is summed with atomics: equal up to fp32 reordering
-        torch.testing.assert_close(u, v, rtol=1e-5, atol=1e-5)
-    keep = mask_of("triton", 2048, 1024, 0.1, 5, device="cuda")
-    check_against_reference([y1, *g1], inputs, 2.0, dy, keep, 0.1)
-
-
-# ----------------------------------------------------------------------------- GPU compile, no GPU
-
-
-def _ptxas_reason():
-    try:
-        from triton.backends.nvidia.compiler import get_ptxas  # noqa: F401
-    except Exception as exc:  # noqa: BLE001
-        return f"Triton's NVIDIA backend is not importable ({exc})"
-    return None
-
-
-@pytest.mark.parametrize("dt,adt", [("bf16", "fp32")])  # both dot paths: bf16 base, fp32 LoRA
-def test_kernels_compile_for_sm90(dt, adt):
-    """Front end, MLIR passes and ptxas on every kernel, for a GPU this machine does not have
-    (about 30 s on 2 cores, the price of checking the compiled path here at all)."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    reason = _ptxas_reason()
-    if reason:
-        pytest.skip(reason)
-    root = Path(__file__).resolve().parent.parent
-    env = {**os.environ, "TRITON_INTERPRET": "0",
-           "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.run([sys.executable, str(Path(__file__).with_name("lora_compile_check.py")),
-                           dt, adt], capture_output=True, text=True, env=env, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count("compiled ") == 5, proc.stdout

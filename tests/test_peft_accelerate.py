@@ -103,17 +103,21 @@ def test_keys_params_and_saved_files_unchanged(tmp_path):
     assert list(model.state_dict().keys()) == keys
 
 
+def _fused(model):
+    return sum(type(m).__name__ == "FusedLoraLinear" for m in model.modules())
+
+
 def test_restore_and_context_manager():
     model = _peft_model("llama")
-    layers = [m for m in model.modules() if "forward" in m.__dict__]
-    assert not layers
+    assert not _fused(model)
     with accelerate(model) as h:
-        assert sum("forward" in m.__dict__ for m in model.modules()) == len(h.lora_layers) > 0
-    assert not any("forward" in m.__dict__ for m in model.modules())
+        assert _fused(model) == len(h.lora_layers) > 0
+    assert not _fused(model)
+    assert all(type(m) is peft.tuners.lora.Linear for m in model.modules() if isinstance(m, peft.tuners.lora.LoraLayer))
     accelerate(model)
     accelerate(model)  # twice: the first is undone first
     restore(model)
-    assert not any("forward" in m.__dict__ for m in model.modules())
+    assert not _fused(model) and not any("forward" in m.__dict__ for m in model.modules())
     restore(model)  # idempotent
 
 
@@ -132,14 +136,16 @@ def test_merged_and_disabled_follow_peft():
     torch.testing.assert_close(merged, lora, rtol=1e-4, atol=1e-4)
 
 
-def test_unsupported_left_on_peft_path_and_reported_once(caplog):
+def test_unsupported_left_on_peft_path_and_reported_once(caplog, monkeypatch):
+    import lora_kernels.integrations.peft as mod
+
     model = _peft_model("llama", use_dora=True)
     ids = torch.randint(0, 97, (2, 6))
     ref = model(input_ids=ids).logits
     with caplog.at_level(logging.WARNING, logger="lora_kernels.integrations.peft"):
         handle = accelerate(model)
-    assert not handle.lora_layers and len(handle.skipped) == 6
-    assert all("DoRA" in r for r in handle.skipped.values())
+    assert len(handle.skipped) == 6 and all("DoRA" in r for r in handle.skipped.values())
+    monkeypatch.setattr(mod, "lora_linear", lambda *a, **k: pytest.fail("DoRA ran on lora_linear"))
     warnings = [r for r in caplog.records if r.name == "lora_kernels.integrations.peft"]
     assert len(warnings) == 1 and "DoRA" in warnings[0].getMessage()
     torch.testing.assert_close(model(input_ids=ids).logits, ref)
@@ -194,7 +200,7 @@ def test_prefix_tuning_equals_peft(family, padded):
     torch.testing.assert_close(logits[keep], ref_logits[keep], rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(grad, ref_grad, rtol=1e-4, atol=1e-5)
-    assert "forward" not in model.__dict__  # restored
+    assert "forward" not in model.__dict__ and type(model) is peft.PeftModelForCausalLM  # restored
     torch.testing.assert_close(run()[0], ref_logits)
 
 
@@ -218,3 +224,79 @@ def test_prefix_generate_stays_on_peft_path():
         model(input_ids=ids)  # our path first, then PEFT's generate
         out = model.generate(input_ids=ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
     assert torch.equal(out, ref)
+
+
+def test_tensor_scaling_from_compiled_hotswap_takes_peft_path():
+    """prepare_model_for_compiled_hotswap stores each scaling as a 0-dim tensor."""
+    from peft.utils.hotswap import prepare_model_for_compiled_hotswap
+
+    model = _peft_model("gpt2")
+    prepare_model_for_compiled_hotswap(model, target_rank=8)
+    assert isinstance(model.base_model.model.transformer.h[0].attn.c_attn.scaling["default"], torch.Tensor)
+    ids = torch.randint(0, 97, (2, 6))
+    ref = model(input_ids=ids).logits
+    with accelerate(model):
+        torch.testing.assert_close(model(input_ids=ids).logits, ref)
+
+
+def test_deepcopy_computes_with_its_own_tensors():
+    import copy
+
+    model = _peft_model("llama")
+    ids = torch.randint(0, 97, (2, 6))
+    accelerate(model)
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        for n, p in twin.named_parameters():
+            if "lora_B" in n:
+                p.mul_(3.0)
+    restore(model)
+    with torch.no_grad():
+        expected = twin.eval()(input_ids=ids).logits  # the copy's own (tripled) adapters ...
+        restore(twin)
+        assert not _fused(twin)
+        torch.testing.assert_close(expected, twin(input_ids=ids).logits, rtol=2e-5, atol=2e-5)
+        assert (expected - model.eval()(input_ids=ids).logits).abs().max() > 1e-3  # ... not the original's
+
+
+@pytest.mark.parametrize("kind", ["lora", "prefix"])
+def test_pickle_and_torch_save_round_trip(kind, tmp_path):
+    import io
+    import pickle
+
+    model = _peft_model("gpt2") if kind == "lora" else _peft_prefix_model("gpt2")
+    model.eval()
+    ids = torch.randint(0, 97, (2, 6))
+    ref = model(input_ids=ids).logits
+    handle = accelerate(model)
+    assert handle.lora_layers if kind == "lora" else handle.prefix
+    model(input_ids=ids)  # a forward first: state from it must not get in the way
+    clone = pickle.loads(pickle.dumps(model))
+    torch.testing.assert_close(clone(input_ids=ids).logits, ref, rtol=2e-5, atol=2e-5)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    torch.testing.assert_close(loaded(input_ids=ids).logits, ref, rtol=2e-5, atol=2e-5)
+    assert type(loaded).__name__.startswith("PrefixAccelerated") if kind == "prefix" else _fused(loaded)
+
+
+def test_a_layer_without_the_active_adapter_is_decided_per_call(monkeypatch):
+    """c_fc has only the second adapter: when it becomes active, c_fc moves onto lora_linear."""
+    import lora_kernels.integrations.peft as mod
+
+    model = _peft_model("gpt2")  # "default" on c_attn, c_proj, c_fc
+    model.add_adapter("other", peft.LoraConfig(r=2, target_modules=["c_attn"], init_lora_weights=False))
+    ids = torch.randint(0, 97, (2, 6))
+    model.set_adapter("other")  # c_proj and c_fc have no "other"
+    handle = accelerate(model)
+    assert any("0 active adapters" in r for r in handle.skipped.values())
+    model.set_adapter("default")
+    with torch.no_grad():
+        calls = []
+        real = mod.lora_linear
+        monkeypatch.setattr(mod, "lora_linear", lambda *a, **k: calls.append(1) or real(*a, **k))
+        fused = model(input_ids=ids).logits
+        assert len(calls) == 8  # every layer of "default", including those skipped at accelerate time
+        restore(model)
+        torch.testing.assert_close(fused, model(input_ids=ids).logits, rtol=2e-5, atol=2e-5)

@@ -67,9 +67,10 @@ def test_empty_queries_or_batch(backend, B, Lq, Lk, P, causal):
 
 
 @pytest.mark.parametrize("P,per_row", [(5, False), (0, False), (3, True)])
-def test_torch_backend_off_cpu_through_the_op(monkeypatch, P, per_row):
-    """On CUDA tensors (forced here) the torch backend recomputes the oracle for its backward;
-    inside the custom op autograd is off whatever the grad mode, so that must not need it."""
+def test_custom_op_torch_backend_off_cpu(monkeypatch, P, per_row):
+    """The custom op called with the torch backend off the CPU (forced here; the public op takes
+    the SDPA path there) recomputes the oracle for its backward; inside the custom op autograd
+    is off whatever the grad mode, so that must not need it."""
     monkeypatch.setattr(sys.modules["lora_kernels.reference.prefix_attention"], "_cpu_flash",
                         lambda q: False)
     inputs = make_inputs(2, 4, 2, 5, 7, P, 8, torch.float32, per_row=per_row, pad=True)
@@ -78,14 +79,14 @@ def test_torch_backend_off_cpu_through_the_op(monkeypatch, P, per_row):
     check_against_oracle(out, grads, inputs, True, 8**-0.5, dout)
 
 
-@pytest.mark.parametrize("off_cpu", [False, True])
-def test_autocast_casts_inputs_as_sdpa_and_stays_out_of_the_backend(monkeypatch, off_cpu):
+@pytest.mark.parametrize("sdpa_path", [False, True])
+def test_autocast_casts_inputs_as_sdpa_and_stays_out_of_the_backend(monkeypatch, sdpa_path):
     """Under autocast the op takes its inputs in the autocast dtype, as SDPA would (so q, k in
     fp32 after RoPE and v in bf16 mix freely), then computes exactly as on bf16 inputs outside
-    autocast (the torch backend's oracle path, used on CUDA, must not be recast inside)."""
-    if off_cpu:
-        monkeypatch.setattr(sys.modules["lora_kernels.reference.prefix_attention"], "_cpu_flash",
-                            lambda q: False)
+    autocast (the SDPA path, used on CUDA, must not be recast inside either)."""
+    if sdpa_path:
+        monkeypatch.setattr(sys.modules["lora_kernels.reference.prefix_attention_sdpa"],
+                            "SDPA_ON_CPU", True)
     inputs = make_inputs(2, 2, 2, 5, 5, 3, 16, torch.float32, per_row=True, pad=True)
     dout = torch.randn(2, 2, 5, 16)
     as_bf16 = {n: (t.to(torch.bfloat16) if t is not None and t.is_floating_point() else t)
@@ -233,7 +234,8 @@ BAD = {
 def test_bad_input(case, monkeypatch):
     change, error, message = BAD[case]
     called = []
-    monkeypatch.setattr(op_module, "_backend_module", lambda name: called.append(name))
+    monkeypatch.setattr(backends, "load", lambda op, name: called.append(name))
+    monkeypatch.setattr(op_module._sdpa, "attention", lambda *a: called.append("sdpa"))
     args = {**_good(), **change}
     with pytest.raises(error, match=__import__("re").escape(message)):
         prefix_attention(args.pop("q"), args.pop("k"), args.pop("v"), args.pop("prefix_k"),

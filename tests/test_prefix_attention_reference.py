@@ -1,5 +1,6 @@
 """The oracle of prefix_attention against an independent computation, and the torch backend's
-fast path (split flash attention merged by log-sum-exp) against the float64 oracle."""
+CPU path (split flash attention merged by log-sum-exp) against the float64 oracle. The CUDA path
+of the torch backend (SDPA) is tested in test_prefix_attention_sdpa.py."""
 
 from __future__ import annotations
 
@@ -49,6 +50,18 @@ def test_oracle_matches_sdpa_on_concatenated_keys(prefix, causal, pad):
     torch.testing.assert_close(out, ref.nan_to_num(0.0), rtol=1e-12, atol=1e-12)
     if pad and P == 0:
         assert torch.equal(out[0], torch.zeros_like(out[0]))
+
+
+@pytest.mark.parametrize("Lq,Lk", [(1, 1), (1, 7), (5, 5), (5, 9), (0, 3)])
+def test_causal_keep_is_bottom_right(Lq, Lk):
+    """The package's one causal mask equals PyTorch's bottom-right causal bias and the tril form."""
+    from torch.nn.attention.bias import causal_lower_right
+
+    keep = R.causal_keep(Lq, Lk, "cpu")
+    assert keep.dtype == torch.bool
+    assert torch.equal(keep, torch.ones(Lq, Lk, dtype=torch.bool).tril(Lk - Lq))
+    if Lq:
+        assert torch.equal(keep, causal_lower_right(Lq, Lk)._materialize())
 
 
 def test_oracle_lse_and_empty_rows():
@@ -151,17 +164,8 @@ def test_fast_path_does_not_concatenate_keys(monkeypatch):
 
 @pytest.mark.parametrize("prefix", [(0, False), (5, True), (5, False)])
 def test_off_cpu_path_recomputes_the_oracle(monkeypatch, prefix):
-    """Off the CPU (no CPU flash kernel) the torch backend runs the oracle; forced here."""
+    """Called directly off the CPU (no CPU flash kernel) the custom op's torch backend runs the
+    oracle; forced here."""
     monkeypatch.setattr(R, "_cpu_flash", lambda q: False)
     _fast_case(prefix, (4, 2, 16), (9, 12), True, True, torch.float32)
     _fast_case(prefix, (4, 2, 16), (9, 12), True, True, torch.bfloat16)
-
-
-@pytest.mark.gpu
-def test_torch_backend_on_cuda():
-    inputs = make_inputs(2, 4, 2, 33, 40, 7, 64, torch.bfloat16, pad=True)
-    cuda = {n: (None if x is None else x.cuda()) for n, x in inputs.items()}
-    dout = torch.randn(2, 4, 33, 64)
-    out, _, grads = run_fast_path(cuda, True, 0.125, dout.cuda())
-    check_against_oracle(out.cpu(), {n: (None if g is None else g.cpu())
-                                     for n, g in grads.items()}, inputs, True, 0.125, dout)

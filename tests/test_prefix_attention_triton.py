@@ -1,11 +1,19 @@
 """The Triton kernels of prefix_attention (in Triton's interpreter on the CPU) against the
-float64 oracle: output and the gradients of q, k, v, prefix_k, prefix_v."""
+float64 oracle: output and the gradients of q, k, v, prefix_k, prefix_v, over the prefill,
+decode (split-K) and both dQ paths; then the launch hygiene (1-D grids, device guard,
+bucketed autotune keys, no zero-fills) on meta tensors, where nothing runs.
+GPU checks at realistic sizes: tests/test_prefix_attention_triton_gpu.py."""
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import os
+from types import SimpleNamespace
+
 import pytest
 import torch
-from prefix_attention_cases import check_against_oracle, make_inputs
+from prefix_attention_cases import check_against_oracle, make_inputs, run_triton
 
 from lora_kernels import backends
 
@@ -22,16 +30,43 @@ HEADS_D = [(4, 4, 16), (4, 2, 40), (4, 1, 64)]
 LENGTHS = [(1, 9), (17, 17), (17, 23)]
 
 
-def run_triton(inputs, causal, scale, dout, device="cpu"):
-    from lora_kernels.triton import prefix_attention as T
+@pytest.fixture(autouse=True, scope="module")
+def _quick_interpreter():
+    """Two costs of Triton's interpreter that buy nothing at these tiny shapes, switched off
+    for this file and restored after: the int32 overflow check of every integer operation,
+    and the re-patching of triton.language at every call of a @triton.jit helper (the launch
+    has patched it already). About three times faster; without the interpreter, nothing."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        yield
+        return
+    import triton.language as tl
+    from triton.runtime import interpreter
 
-    t = {n: (None if x is None else x.to(device)) for n, x in inputs.items()}
-    out, lse = T.forward(t["q"], t["k"], t["v"], t["prefix_k"], t["prefix_v"],
-                         t["key_padding_mask"], causal, scale)
-    grads = T.backward(dout.to(out.dtype).to(device), t["q"], t["k"], t["v"], t["prefix_k"],
-                       t["prefix_v"], t["key_padding_mask"], out, lse, causal, scale)
-    names = ("q", "k", "v", "prefix_k", "prefix_v")
-    return out.cpu(), lse.cpu(), {n: (None if g is None else g.cpu()) for n, g in zip(names, grads)}
+    builder = getattr(interpreter, "interpreter_builder", None)
+    patch = getattr(interpreter, "_patch_lang", None)
+    if builder is None or patch is None or not dataclasses.is_dataclass(builder.options):
+        yield
+        return
+    unpatched_load = tl.load  # the same function in triton.language and triton.language.core
+
+    class _Nothing:
+        def restore(self):
+            pass
+
+    def patch_once(fn):
+        langs = [m for m in fn.__globals__.values() if m is tl or m is tl.core]
+        if langs and all(m.load is not unpatched_load for m in langs):
+            return _Nothing()  # every language module it sees is patched for this launch
+        return patch(fn)
+
+    options = builder.options
+    builder.options = dataclasses.replace(options, sanitize_overflow=False)
+    interpreter._patch_lang = patch_once
+    try:
+        yield
+    finally:
+        builder.options = options
+        interpreter._patch_lang = patch
 
 
 def _case(prefix, heads_d, lengths, causal, pad, dtype, B=2):
@@ -74,6 +109,39 @@ def test_half_precision(prefix, heads_d, lengths, causal, pad, dtype):
     _case(prefix, heads_d, lengths, causal, pad, dtype)
 
 
+@pytest.mark.parametrize("Lq,Lk,splits,causal,pad,prefix,dtype", [
+    (1, 70, 3, True, True, (13, False), torch.float32),
+    (5, 64, 2, True, False, (1, True), torch.float32),
+    (16, 50, 4, False, True, (0, False), torch.float32),
+    (3, 40, 3, True, True, (13, True), torch.bfloat16),
+])
+def test_decode_split_k(monkeypatch, Lq, Lk, splits, causal, pad, prefix, dtype):
+    """Lq <= 16 runs the decode kernel; with the keys split over several programs, merged by
+    their log-sum-exps (the backward is the general one)."""
+    from lora_kernels.triton import attention_decode
+
+    monkeypatch.setattr(attention_decode, "DECODE_SPLITS", splits)
+    assert attention_decode.plan_splits(2, 2, 1, Lk, torch.device("cpu"))[0] == splits
+    (P, per_row), D = prefix, 40
+    inputs = make_inputs(2, 4, 2, Lq, Lk, P, D, dtype, per_row=per_row, pad=pad)
+    dout = torch.randn(2, 4, Lq, D)
+    out, _, grads = run_triton(inputs, causal, D**-0.5, dout)
+    check_against_oracle(out, grads, inputs, causal, D**-0.5, dout)
+
+
+@pytest.mark.parametrize("prefix,causal,pad,dtype", [
+    ((13, False), True, True, torch.float32),
+    ((13, True), False, False, torch.float32),
+    ((1, False), True, False, torch.float16),
+])
+def test_dq_recomputed_when_the_ds_workspace_is_too_large(monkeypatch, prefix, causal, pad,
+                                                          dtype):
+    from lora_kernels.triton import prefix_attention as T
+
+    monkeypatch.setattr(T, "DS_WORKSPACE_BYTES", 0)
+    _case(prefix, (4, 2, 24), (17, 23), causal, pad, dtype)
+
+
 def test_lse_and_empty_rows():
     """LSE is the natural-log log-sum-exp; a row that sees no key gives 0 and -inf."""
     inputs = make_inputs(2, 4, 2, 5, 7, 0, 16, torch.float32, pad=True)
@@ -93,7 +161,7 @@ def test_lse_and_empty_rows():
 def test_strided_and_expanded_inputs():
     """Non-contiguous q/k/v (a (B, L, H, D) layout seen as (B, H, L, D)) and an expanded
     shared prefix (batch stride 0) are read in place."""
-    B, Hq, Hkv, L, P, D = 2, 4, 2, 9, 5, 24
+    B, Hq, Hkv, L, P, D = 2, 4, 2, 19, 5, 24
     q = torch.randn(B, L, Hq, D).transpose(1, 2)
     k = torch.randn(B, L, Hkv, D).transpose(1, 2)
     v = torch.randn(B, L, Hkv, 2 * D)[..., ::2].transpose(1, 2)
@@ -104,56 +172,211 @@ def test_strided_and_expanded_inputs():
     check_against_oracle(out, grads, inputs, True, D**-0.5, dout)
 
 
-def test_head_dims_not_powers_of_two():
-    for D in (80, 96):
-        inputs = make_inputs(1, 2, 1, 3, 5, 2, D, torch.float32)
-        dout = torch.randn(1, 2, 3, D)
-        out, _, grads = run_triton(inputs, True, D**-0.5, dout)
-        check_against_oracle(out, grads, inputs, True, D**-0.5, dout)
-
-
-@pytest.mark.parametrize("splits", [2, 3])
-def test_shared_prefix_gradient_split_over_the_batch(monkeypatch, splits):
-    """The shared prefix's gradient from partial sums over splits of the batch (the GPU path)."""
-    from lora_kernels.triton import prefix_attention as T
-
-    monkeypatch.setattr(T, "PREFIX_BATCH_SPLITS", splits)
-    inputs = make_inputs(5, 4, 2, 9, 11, 13, 16, torch.float32, pad=True)
-    dout = torch.randn(5, 4, 9, 16)
-    out, _, grads = run_triton(inputs, True, 0.25, dout)
-    check_against_oracle(out, grads, inputs, True, 0.25, dout)
+@pytest.mark.parametrize("D", [80, 96, 256])
+def test_head_dims_not_powers_of_two_and_the_largest(D):
+    inputs = make_inputs(1, 2, 1, 17, 19, 2, D, torch.float32, pad=D == 96)
+    dout = torch.randn(1, 2, 17, D)
+    out, _, grads = run_triton(inputs, True, D**-0.5, dout)
+    check_against_oracle(out, grads, inputs, True, D**-0.5, dout)
 
 
 def test_deterministic_prefix_gradient():
+    """The shared prefix's gradient is one fp32 partial per batch row, summed in a fixed order:
+    bitwise the same on every run."""
     inputs = make_inputs(3, 4, 2, 17, 17, 13, 16, torch.float32)
     dout = torch.randn(3, 4, 17, 16)
     _, _, g1 = run_triton(inputs, True, 0.25, dout)
     _, _, g2 = run_triton(inputs, True, 0.25, dout)
-    assert torch.equal(g1["prefix_k"], g2["prefix_k"])
-    assert torch.equal(g1["prefix_v"], g2["prefix_v"])
+    for name in ("prefix_k", "prefix_v", "k", "q"):
+        assert torch.equal(g1[name], g2[name]), name
 
 
-# ---- GPU checks at realistic sizes (skip without a GPU) ----------------------------------
-# Many blocks per program, bf16/fp16 tensor-core dots, odd head dims and lengths. One autotune
-# config per specialisation (LORA_KERNELS_AUTOTUNE=0) keeps the compile time of the GPU check
-# short; the benchmark autotunes.
+# ---- launch hygiene, on meta tensors (the launches are recorded, nothing runs) -------------
+
+
+def _meta_inputs(B, Hq, Hkv, Lq, Lk, P, D, pad=False):
+    e = lambda *s: torch.empty(*s, dtype=torch.bfloat16, device="meta")
+    q, k, v = e(B, Hq, Lq, D), e(B, Hkv, Lk, D), e(B, Hkv, Lk, D)
+    pk, pv = (e(1, Hkv, P, D), e(1, Hkv, P, D)) if P else (None, None)
+    kpm = torch.ones(B, Lk, dtype=torch.bool, device="meta") if pad else None
+    return q, k, v, pk, pv, kpm
+
+
+def _forward_backward(*inputs, causal=True):
+    from lora_kernels.triton import prefix_attention as T
+
+    q = inputs[0]
+    out, lse = T.forward(*inputs, causal, q.shape[-1] ** -0.5)
+    T.backward(torch.empty_like(q), *inputs, out, lse, causal, q.shape[-1] ** -0.5)
 
 
 @pytest.fixture
-def quick_tune(monkeypatch):
-    monkeypatch.setenv("LORA_KERNELS_AUTOTUNE", "0")
+def launches(monkeypatch):
+    """Every launch as (kernel, grid, args, kwargs), instead of running it."""
+    from lora_kernels.triton import attention_common as common
+
+    calls = []
+    monkeypatch.setattr(common, "launch",
+                        lambda kernel, grid, *a, **kw: calls.append((kernel, grid, a, kw)))
+    return calls
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("B,Hq,Hkv,Lq,Lk,P,D,per_row,causal,pad,dtype", [
-    (4, 16, 4, 512, 512, 32, 128, False, True, False, torch.bfloat16),
-    (2, 8, 8, 300, 700, 20, 80, True, True, True, torch.float16),
-    (3, 8, 2, 257, 257, 0, 96, False, False, True, torch.bfloat16),
-    (2, 4, 4, 1, 1000, 64, 256, False, True, False, torch.bfloat16),
-    (2, 8, 2, 333, 401, 45, 64, False, True, True, torch.float32),
+def _name(kernel):
+    return getattr(kernel, "fn", kernel).__name__
+
+
+@pytest.mark.parametrize("shape", [
+    (4096, 32, 8, 1, 1000, 32, 128),   # decoding a batch of 4096: B * Hkv > 65,535 / 2
+    (2048, 64, 64, 1, 4096, 0, 64),    # B * Hq = 131,072 query heads, long cache (split-K)
+    (1, 32, 8, 9, 300_000, 16, 128),   # split-K over a very long cache
+    (600, 128, 8, 300, 300, 16, 128),  # prefill and backward with B * Hq = 76,800
 ])
-def test_gpu_realistic(quick_tune, B, Hq, Hkv, Lq, Lk, P, D, per_row, causal, pad, dtype):
-    inputs = make_inputs(B, Hq, Hkv, Lq, Lk, P, D, dtype, per_row=per_row, pad=pad)
-    dout = torch.randn(B, Hq, Lq, D)
-    out, _, grads = run_triton(inputs, causal, D**-0.5, dout, device="cuda")
-    check_against_oracle(out, grads, inputs, causal, D**-0.5, dout)
+def test_grids_are_one_dimensional(launches, shape):
+    """Axis 0 takes 2**31 - 1 programs, the others 65,535: every grid has one axis, for every
+    config the autotuner may choose (the GPU table's too)."""
+    from lora_kernels.triton import attention_common as common
+
+    _forward_backward(*_meta_inputs(*shape))
+    assert launches
+    for kernel, grid, _, kwargs in launches:
+        table = getattr(kernel, "config_table", None)
+        metas = [kwargs]
+        if table is not None:
+            metas = [{**kwargs, **c.kwargs} for interp in (True, False)
+                     for c in common.configs_for(table, kwargs["BLOCK_D"], interpreter=interp)]
+        for meta in metas:
+            g = grid(meta) if callable(grid) else grid
+            assert len(g) == 1 and 1 <= g[0] < 2**31, (_name(kernel), g)
+
+
+def test_decode_splits_only_when_programs_leave_sms_idle():
+    from lora_kernels.triton import attention_decode as dec
+
+    cpu = torch.device("cpu")  # planned as for a 132-SM GPU
+    assert dec.plan_splits(4096, 8, 1, 100_000, cpu)[0] == 1
+    n, length = dec.plan_splits(1, 8, 1, 8192, cpu)
+    assert n > 1 and n * length >= 8192 and length % dec.common.max_tile("decode", "BLOCK_N") == 0
+    assert dec.plan_splits(1, 8, 1, 100, cpu)[0] == 1  # too few keys to split
+
+
+def test_autotune_keys_are_length_buckets(launches):
+    """An autotuned kernel re-tunes per key; the keys hold powers of two of the lengths, so a
+    new sequence length (every decoding step) does not re-benchmark."""
+    from lora_kernels.triton import attention_common as common
+
+    def keys_of(shape):
+        launches.clear()
+        _forward_backward(*_meta_inputs(*shape))
+        out = {}
+        for kernel, _, args, kwargs in launches:
+            if hasattr(kernel, "keys"):
+                named = dict(zip(kernel.fn.arg_names, args), **kwargs)
+                out[_name(kernel)] = {k: named[k] for k in kernel.keys}
+        return out
+
+    for Lq in (5, 300):  # decode and prefill, + 2 stays in the same bucket
+        a, b = keys_of((2, 8, 2, Lq, 1000, 13, 64)), keys_of((2, 8, 2, Lq + 2, 1003, 13, 64))
+        assert a == b and len(a) >= 3
+        for keys in a.values():
+            assert not {"Lq", "Lk", "P"} & set(keys)
+            for name in ("LQ_KEY", "LK_KEY", "P_KEY"):
+                if name in keys:
+                    assert keys[name] == common.bucket(keys[name]), (name, keys)
+
+
+def test_launches_run_on_the_inputs_device(monkeypatch, launches):
+    """Triton launches on the current CUDA device; every launch of ours sits inside a guard
+    of the inputs' device (torch.cuda.device), so a model spread over GPUs computes each
+    layer on its own GPU."""
+    from lora_kernels.triton import attention_common as common
+
+    entered = []
+
+    class _Recorder:
+        def __init__(self, device):
+            entered.append(torch.device(device))
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(torch.cuda, "device", _Recorder)
+    with common.device_guard(SimpleNamespace(device=torch.device("cuda", 3))):
+        pass
+    assert entered == [torch.device("cuda", 3)]
+
+    active = []
+
+    @contextlib.contextmanager
+    def guard(t):
+        active.append(t.device)
+        yield
+        active.pop()
+
+    monkeypatch.setattr(common, "device_guard", guard)
+    seen = []
+    monkeypatch.setattr(common, "launch", lambda kernel, *a, **kw: seen.append(list(active)))
+    for Lq in (3, 40):
+        _forward_backward(*_meta_inputs(2, 4, 2, Lq, 64, 5, 32, pad=True))
+    assert len(seen) >= 8 and all(s == [torch.device("meta")] for s in seen)
+
+
+class _NoZeroFills:
+    """torch, except the zero-filling constructors (a kernel overwrites every buffer)."""
+
+    def __init__(self, real):
+        self._real = real
+
+    def __getattr__(self, name):
+        if name in ("zeros", "zeros_like", "full", "full_like"):
+            raise AssertionError(f"torch.{name}: the kernels overwrite it, allocate empty")
+        return getattr(self._real, name)
+
+
+def test_buffers_the_kernels_overwrite_are_not_zero_filled(monkeypatch, launches):
+    from lora_kernels.triton import (
+        attention_common,
+        attention_decode,
+        attention_dq,
+        prefix_attention,
+    )
+
+    for module in (attention_common, attention_decode, attention_dq, prefix_attention):
+        if hasattr(module, "torch"):
+            monkeypatch.setattr(module, "torch", _NoZeroFills(torch))
+    monkeypatch.setattr(attention_decode, "DECODE_SPLITS", 3)
+    for Lq, pad in ((2, True), (40, False)):
+        _forward_backward(*_meta_inputs(2, 4, 2, Lq, 600, 13, 32, pad=pad))
+    assert {_name(k) for k, *_ in launches} >= {"_fwd_kernel", "_decode_kernel", "_merge_kernel",
+                                                "_delta_kernel", "_bwd_kv_kernel", "_dq_kernel"}
+
+
+def test_dq_path_follows_the_workspace_budget(monkeypatch, launches):
+    from lora_kernels.triton import prefix_attention as T
+
+    inputs = _meta_inputs(2, 4, 2, 40, 60, 13, 32)
+    _forward_backward(*inputs)
+    assert "_dq_kernel" in {_name(k) for k, *_ in launches}
+    nbytes, _, width = T.ds_workspace(2, 4, 40, 60, 13, torch.bfloat16)
+    assert width % 16 == 0 and nbytes == 2 * 4 * 40 * width * 2
+    launches.clear()
+    monkeypatch.setattr(T, "DS_WORKSPACE_BYTES", nbytes - 1)
+    _forward_backward(*inputs)
+    names = {_name(k) for k, *_ in launches}
+    assert "_dq_recompute_kernel" in names and "_dq_kernel" not in names
+
+
+def test_fp32_takes_the_small_tiles():
+    """fp32's IEEE dots hold twice the bytes per tile: the 4-warp rows, or one stage less."""
+    from lora_kernels.triton import attention_common as common
+
+    for kernel in common.KERNELS:
+        for block_d in common.BLOCK_DS:
+            rows = common.configs_for(kernel, block_d, interpreter=False)
+            if not rows:
+                continue
+            small = common._fp32_configs(rows)
+            assert small and (all(c.num_warps == 4 for c in small)
+                              or all(c.num_stages < r.num_stages for c, r in zip(small, rows)))

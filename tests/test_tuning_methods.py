@@ -33,7 +33,8 @@ def config_for(method, kind, **kw):
 
 def expected_trainable(method, kind, name):
     """Is parameter ``name`` (of the TunedModel) meant to train under ``method``?"""
-    head = kind == "bert" and ".classifier." in name  # SEQ_CLS: the task head trains too
+    # SEQ_CLS: the task head trains too (the classifier and BERT's pooler)
+    head = kind == "bert" and (".classifier." in name or ".bert.pooler." in name)
     if method == "full":
         return True
     if method == "lora":
@@ -258,7 +259,7 @@ def test_lora_regex_targets_and_modules_to_save():
     names = sorted(n for n, m in model.named_modules() if isinstance(m, lk.LoRALinear))
     assert names == ["model.layers.0.self_attn.k_proj", "model.layers.0.self_attn.q_proj"]
     assert all(p.requires_grad for p in model.lm_head.parameters())
-    original = tuned._saved_modules["lm_head"]
+    original = tuned.modules_to_save["lm_head"]
     assert original is not model.lm_head and not original.weight.requires_grad
 
 

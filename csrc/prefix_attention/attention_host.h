@@ -1,6 +1,7 @@
 // Host-side argument checks and parameter set-up shared by the prefix-attention entry points.
 #pragma once
 
+#include "../common.h"
 #include "attention_common.cuh"
 
 #include <c10/util/Optional.h>
@@ -11,16 +12,20 @@
 namespace lora_kernels {
 namespace attn {
 
-// A view of t whose last dimension is contiguous (a copy only when it is not).
-inline at::Tensor last_dim_contiguous(const at::Tensor& t) {
-  return (t.dim() == 0 || t.size(-1) <= 1 || t.stride(-1) == 1) ? t : t.contiguous();
-}
-
 inline bool rows_16b_aligned(const at::Tensor& t) {
+  if (t.numel() == 0) return true;
+  if (t.size(-1) > 1 && t.stride(-1) != 1) return false;
   if (reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 != 0) return false;
   for (int64_t d = 0; d + 1 < t.dim(); ++d)
     if (t.size(d) > 1 && t.stride(d) % 8 != 0) return false;
   return true;
+}
+
+// t itself when its last dimension is contiguous and every row starts 16-byte aligned (the
+// kernels copy rows with 16-byte cp.async), else a contiguous copy. Views out of a packed QKV
+// projection pass as they are.
+inline at::Tensor with_aligned_rows(const at::Tensor& t) {
+  return rows_16b_aligned(t) ? t : t.contiguous();
 }
 
 // Device checks, after every shape and dtype check: all on one CUDA device.
@@ -34,7 +39,7 @@ inline void check_devices(const char* op, std::initializer_list<std::pair<const 
 }
 
 // Shape and dtype checks shared by forward and backward (devices: check_devices). Fills the
-// input part of `p`.
+// sizes, the scalars and the key padding mask of `p`; fill_pointers does the tensors.
 inline void check_and_fill(const char* op, const at::Tensor& q, const at::Tensor& k,
                            const at::Tensor& v, const at::Tensor& prefix_k,
                            const at::Tensor& prefix_v,
@@ -89,21 +94,24 @@ inline void check_and_fill(const char* op, const at::Tensor& q, const at::Tensor
   p.causal = causal;
   p.scale = static_cast<float>(scale);
   p.scale_log2 = static_cast<float>(scale) * LOG2E;
-  p.q = q.data_ptr(); p.q_sb = q.stride(0); p.q_sh = q.stride(1); p.q_sl = q.stride(2);
-  p.k = k.data_ptr(); p.k_sb = k.stride(0); p.k_sh = k.stride(1); p.k_sl = k.stride(2);
-  p.v = v.data_ptr(); p.v_sb = v.stride(0); p.v_sh = v.stride(1); p.v_sl = v.stride(2);
-  p.pk = prefix_k.data_ptr(); p.pk_sb = Bp == 1 ? 0 : prefix_k.stride(0);
-  p.pk_sh = prefix_k.stride(1); p.pk_sl = prefix_k.stride(2);
-  p.pv = prefix_v.data_ptr(); p.pv_sb = Bp == 1 ? 0 : prefix_v.stride(0);
-  p.pv_sh = prefix_v.stride(1); p.pv_sl = prefix_v.stride(2);
   if (key_padding_mask.has_value()) {
     p.kpm = reinterpret_cast<const uint8_t*>(key_padding_mask->data_ptr());
     p.kpm_sb = key_padding_mask->stride(0); p.kpm_sl = key_padding_mask->stride(1);
   } else {
     p.kpm = nullptr; p.kpm_sb = 0; p.kpm_sl = 0;
   }
-  p.vec = rows_16b_aligned(q) && rows_16b_aligned(k) && rows_16b_aligned(v) &&
-          (P == 0 || (rows_16b_aligned(prefix_k) && rows_16b_aligned(prefix_v)));
+}
+
+// Data pointers and strides of the inputs (after with_aligned_rows).
+inline void fill_pointers(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                          const at::Tensor& prefix_k, const at::Tensor& prefix_v, Params& p) {
+  p.q = q.data_ptr(); p.q_sb = q.stride(0); p.q_sh = q.stride(1); p.q_sl = q.stride(2);
+  p.k = k.data_ptr(); p.k_sb = k.stride(0); p.k_sh = k.stride(1); p.k_sl = k.stride(2);
+  p.v = v.data_ptr(); p.v_sb = v.stride(0); p.v_sh = v.stride(1); p.v_sl = v.stride(2);
+  p.pk = prefix_k.data_ptr(); p.pk_sb = p.Bp == 1 ? 0 : prefix_k.stride(0);
+  p.pk_sh = prefix_k.stride(1); p.pk_sl = prefix_k.stride(2);
+  p.pv = prefix_v.data_ptr(); p.pv_sb = p.Bp == 1 ? 0 : prefix_v.stride(0);
+  p.pv_sh = prefix_v.stride(1); p.pv_sl = prefix_v.stride(2);
 }
 
 }  // namespace attn

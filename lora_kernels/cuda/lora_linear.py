@@ -1,14 +1,20 @@
 """``cuda`` backend of ``lora_linear``: ``y = x W^T + b + s * dropout(x) A^T B^T``.
 
-The base product ``x W^T (+ b)`` is cuBLAS through ``torch.mm``/``torch.addmm``; the LoRA path
-runs in the extension's kernels (``csrc/lora_linear``):
+The base products are cuBLAS through ATen, accumulated (beta = 1) onto buffers the extension's
+kernels (``csrc/lora_linear``) fill with the LoRA terms, so no LoRA term makes an extra pass
+over a (T, out) or (T, in) tensor:
 
-- ``lora_shrink``: ``S = dropout(x) A^T`` (T, r) fp32, Philox mask from (seed, t * in + i).
-- ``lora_expand_``: ``y += s * S B^T`` in place on the base GEMM's output (the LoRA term is never
-  written to memory on its own).
+- ``lora_shrink``: ``S = dropout(x) A^T / (1 - p)`` (T, r) fp32; one Philox call per four
+  elements of x gives their mask bits (pure function of ``(seed, t, i)``).
+- ``lora_expand``: ``y = s S B^T + b`` in x's dtype; then ``y += x W^T`` (``addmm_``).
 - ``lora_grad_s_b``: ``dS = s dY B`` and ``dB = s dY^T S`` in one pass over ``dY``.
-- ``lora_dropout_expand_``: ``dx += mask * (dS A) / (1 - p)`` in place on ``dY W``.
-- ``lora_grad_a``: ``dA = dS^T dropout(x)``.
+- ``lora_grad_x_a``: ``dx = mask (dS A) / (1 - p)`` (then ``dx += dY W``) and
+  ``dA = dS^T dropout(x) / (1 - p)``, the mask generated once more and handed bit-packed from
+  the first to the second kernel.
+
+Every product is on tensor cores; fp16/fp32 operands are split into bf16 terms so that fp32
+adapters (PEFT's default) get fp32-accurate ``S``, ``dS``, ``dA``, ``dB``. Reductions are
+deterministic (partials summed in a fixed order, no atomics).
 
 Equivalent PyTorch::
 
@@ -20,9 +26,11 @@ from __future__ import annotations
 
 import torch
 
+from ..backends import Capabilities
 from . import capability_reasons, dtype_name
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+CAPABILITIES = Capabilities(devices=("cuda",), dtypes=SUPPORTED_DTYPES)
 
 
 
@@ -39,24 +47,14 @@ def not_supported_reasons(x, weight, bias, lora_A, lora_B, dropout_p, training) 
     for name, t in tensors.items():
         if not isinstance(t, torch.Tensor):
             return [f"{name} is not a tensor"]
-    for name, t in tensors.items():
-        if t.device.type != "cuda":
-            reasons.append(f"{name} is on {t.device.type}; the CUDA kernels need CUDA tensors")
+    reasons += CAPABILITIES.reasons({"x": x, "lora_A": lora_A, "lora_B": lora_B})
     reasons += capability_reasons(next(iter(tensors.values())).device)
     if len({t.device for t in tensors.values()}) > 1:
         reasons.append("the tensors are on different devices")
-    if x.dtype not in SUPPORTED_DTYPES:
-        reasons.append(f"x dtype {dtype_name(x.dtype)} is not supported (float32, float16, bfloat16)")
     if weight.dtype != x.dtype:
         reasons.append(f"weight dtype {dtype_name(weight.dtype)} differs from x dtype {dtype_name(x.dtype)}")
     if bias is not None and bias.dtype != x.dtype:
         reasons.append(f"bias dtype {dtype_name(bias.dtype)} differs from x dtype {dtype_name(x.dtype)}")
-    for name in ("lora_A", "lora_B"):
-        if tensors[name].dtype not in SUPPORTED_DTYPES:
-            reasons.append(
-                f"{name} dtype {dtype_name(tensors[name].dtype)} is not supported (float32, float16, "
-                "bfloat16)"
-            )
     if x.dim() != 2:
         reasons.append(f"x must be 2-D (tokens, in), got {x.dim()}-D")
     if weight.dim() != 2 or lora_A.dim() != 2 or lora_B.dim() != 2:
@@ -76,10 +74,9 @@ def forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
     from . import ops
 
     lib = ops()
-    p = float(dropout_p)
-    s = lib.lora_shrink(x, lora_A, p, int(seed or 0))
-    y = torch.mm(x, weight.t()) if bias is None else torch.addmm(bias, x, weight.t())
-    lib.lora_expand_(y, s, lora_B, float(scaling))
+    s = lib.lora_shrink(x, lora_A, float(dropout_p), int(seed or 0))
+    y = lib.lora_expand(s, lora_B, bias, float(scaling), x.dtype)
+    y.addmm_(x, weight.t())
     return y, s
 
 
@@ -90,21 +87,22 @@ def backward(dy, x, weight, lora_A, lora_B, s, scaling, dropout_p, seed, needs):
     from . import ops
 
     lib = ops()
-    need_x, need_w, need_b, need_a, need_bb = (bool(n) for n in needs)
+    need_x, need_w, need_bias, need_a, need_b = (bool(n) for n in needs)
     p, seed = float(dropout_p), int(seed or 0)
     dx = dweight = dbias = d_a = d_b = None
-    if need_x or need_a or need_bb:
-        ds, db32 = lib.lora_grad_s_b(dy, s, lora_B, float(scaling), need_bb)
-        if need_bb:
+    if need_x or need_a or need_b:
+        ds, db32 = lib.lora_grad_s_b(dy, s, lora_B, float(scaling), need_b)
+        if need_b:
             d_b = db32.to(lora_B.dtype)
-        if need_x:
-            dx = torch.mm(dy, weight)
-            lib.lora_dropout_expand_(dx, ds, lora_A, p, seed)
-        if need_a:
-            d_a = lib.lora_grad_a(ds, x, p, seed).to(lora_A.dtype)
+        if need_x or need_a:
+            dx_lora, da32 = lib.lora_grad_x_a(ds, x, lora_A, p, seed, need_x, need_a)
+            if need_x:
+                dx = dx_lora.addmm_(dy, weight)
+            if need_a:
+                d_a = da32.to(lora_A.dtype)
     if need_w:
         dweight = torch.mm(dy.t(), x)
-    if need_b:
+    if need_bias:
         dbias = dy.sum(0)
     return dx, dweight, dbias, d_a, d_b
 
@@ -116,9 +114,9 @@ def register_fakes() -> None:
     def _shrink(x, lora_A, dropout_p, seed):
         return x.new_empty((x.shape[0], lora_A.shape[0]), dtype=torch.float32)
 
-    @torch.library.register_fake("lora_kernels_cuda::lora_expand_")
-    def _expand(y, s, lora_B, scaling):
-        return None
+    @torch.library.register_fake("lora_kernels_cuda::lora_expand")
+    def _expand(s, lora_B, bias, scaling, out_dtype):
+        return s.new_empty((s.shape[0], lora_B.shape[0]), dtype=out_dtype)
 
     @torch.library.register_fake("lora_kernels_cuda::lora_grad_s_b")
     def _grad_s_b(dy, s, lora_B, scaling, need_dB):
@@ -126,10 +124,8 @@ def register_fakes() -> None:
         db_shape = (lora_B.shape[0], s.shape[1]) if need_dB else (0,)
         return ds, dy.new_empty(db_shape, dtype=torch.float32)
 
-    @torch.library.register_fake("lora_kernels_cuda::lora_dropout_expand_")
-    def _dropout_expand(dx, ds, lora_A, dropout_p, seed):
-        return None
-
-    @torch.library.register_fake("lora_kernels_cuda::lora_grad_a")
-    def _grad_a(ds, x, dropout_p, seed):
-        return x.new_empty((ds.shape[1], x.shape[1]), dtype=torch.float32)
+    @torch.library.register_fake("lora_kernels_cuda::lora_grad_x_a")
+    def _grad_x_a(ds, x, lora_A, dropout_p, seed, need_dx, need_dA):
+        dx = x.new_empty(x.shape if need_dx else (0,))
+        da_shape = (lora_A.shape[0], x.shape[1]) if need_dA else (0,)
+        return dx, x.new_empty(da_shape, dtype=torch.float32)

@@ -1,10 +1,12 @@
 """``cuda`` backend of ``prefix_attention``: FlashAttention-2-style kernels from
-``csrc/prefix_attention`` (fp16/bf16, head dims 64 and 128).
+``csrc/prefix_attention`` (fp16/bf16, head dims 64 and 128; ``mma.sync`` tensor cores with every
+accumulator in registers, ``cp.async`` double-buffered tiles).
 
 Every query sees all ``P`` prefix keys (read from the prefix's own buffer, shared by the batch or
 per row) and the sequence keys allowed by bottom-right causality and the key padding mask;
-grouped-query heads read their kv head without copies. Backward is deterministic: the prefix
-gradient is reduced over the batch inside the kernel, without atomics.
+grouped-query heads read their kv head without copies. Backward (a dQ kernel, then a dK/dV kernel
+that also covers the prefix keys) is deterministic: the prefix gradient is reduced over the batch
+in a fixed order, without atomics.
 
 Equivalent PyTorch (see lora_kernels.reference)::
 
@@ -16,11 +18,14 @@ from __future__ import annotations
 
 import torch
 
+from ..backends import Capabilities
 from . import capability_reasons, dtype_name
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16)
 SUPPORTED_HEAD_DIMS = (64, 128)
 MAX_GRID_YZ = 65535
+CAPABILITIES = Capabilities(devices=("cuda",), dtypes=SUPPORTED_DTYPES,
+                            head_dims=SUPPORTED_HEAD_DIMS, dropout=False)
 
 
 
@@ -36,26 +41,19 @@ def not_supported_reasons(q, k, v, prefix_k, prefix_v, key_padding_mask, causal,
     for name, t in tensors.items():
         if not isinstance(t, torch.Tensor):
             return [f"{name} is not a tensor"]
-    for name, t in tensors.items():
-        if t.device.type != "cuda":
-            reasons.append(f"{name} is on {t.device.type}; the CUDA kernels need CUDA tensors")
+    reasons += CAPABILITIES.reasons({"q": q}, head_dim=q.shape[-1],
+                                    dropout=float(dropout_p) > 0.0 and training)
     reasons += capability_reasons(next(iter(tensors.values())).device)
-    if q.dtype not in SUPPORTED_DTYPES:
-        reasons.append(f"dtype {dtype_name(q.dtype)} is not supported (float16, bfloat16)")
     for name, t in tensors.items():
         if t.dtype != q.dtype:
             reasons.append(f"{name} dtype {dtype_name(t.dtype)} differs from q dtype {dtype_name(q.dtype)}")
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         reasons.append("q, k and v must be 4-D (B, H, L, D)")
         return reasons
-    if q.shape[-1] not in SUPPORTED_HEAD_DIMS:
-        reasons.append(f"head dim {q.shape[-1]} is not supported (64, 128)")
     if q.shape[0] > MAX_GRID_YZ or q.shape[1] > MAX_GRID_YZ:
         reasons.append(f"batch {q.shape[0]} or heads {q.shape[1]} above {MAX_GRID_YZ}")
     if key_padding_mask is not None and key_padding_mask.dtype != torch.bool:
         reasons.append(f"key_padding_mask dtype {dtype_name(key_padding_mask.dtype)} is not bool")
-    if float(dropout_p) > 0.0 and training:
-        reasons.append("attention dropout in training is not implemented by the CUDA kernels")
     return reasons
 
 

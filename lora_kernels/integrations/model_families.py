@@ -27,6 +27,28 @@ DEFAULT_LORA_TARGETS: dict[str, list[str]] = {
     "falcon": ["query_key_value"],
 }
 
+# task_type -> the task head's module names that PEFT trains and saves (``modules_to_save``).
+TASK_HEADS: dict[str, tuple[str, ...]] = {
+    "SEQ_CLS": ("classifier", "score"),
+    "TOKEN_CLS": ("classifier", "score"),
+    "QUESTION_ANS": ("qa_outputs",),
+}
+
+# model_type -> the module between the encoder and a sequence classifier's ``classifier`` (BERT's
+# ``pooler``: dense + tanh over the first token), looked up at the model's root and then under
+# its base model. Checked against transformers 5.x: in each family's ...ForSequenceClassification
+# the logits depend on this module (BigBird builds a pooler it does not use: not listed; RoBERTa,
+# XLM-R, ELECTRA and others build no pooler, their head lives inside ``classifier``).
+CLASSIFIER_POOLERS: dict[str, str] = {
+    **dict.fromkeys(
+        ["albert", "bert", "canine", "deberta", "deberta-v2", "ernie", "fnet", "gte", "layoutlm", "luke",
+         "markuplm", "megatron-bert", "mobilebert", "nomic_bert", "rembert", "roc_bert", "squeezebert", "tapas"],
+        "pooler"),
+    "distilbert": "pre_classifier",
+    "modernbert": "head",
+    "eurobert": "dense",
+}
+
 # Module names holding per-layer blocks: "<...>.h.3.<...>", "<...>.layers.3.<...>", ...
 LAYER_PATTERN = re.compile(r"(?:^|\.)(?:h|layers|layer|blocks|block|decoder_layers)\.(\d+)(?:\.|$)")
 
@@ -75,6 +97,59 @@ def layer_index(module_name: str, layers_pattern: str | list[str] | None = None)
         pattern = LAYER_PATTERN
     match = pattern.search(module_name)
     return int(match.group(1)) if match else None
+
+
+# PEFT task type -> the name of transformers' auto mapping listing that task's model classes, in
+# the order they are tried; then class-name suffixes for models outside the mappings.
+_TASK_MAPPINGS = (
+    ("SEQ_CLS", "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES"),
+    ("TOKEN_CLS", "MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES"),
+    ("QUESTION_ANS", "MODEL_FOR_QUESTION_ANSWERING_MAPPING_NAMES"),
+    ("SEQ_2_SEQ_LM", "MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES"),
+    ("CAUSAL_LM", "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES"),
+    ("FEATURE_EXTRACTION", "MODEL_MAPPING_NAMES"),
+)
+_TASK_SUFFIXES = (
+    ("SEQ_CLS", ("ForSequenceClassification",)),
+    ("TOKEN_CLS", ("ForTokenClassification",)),
+    ("QUESTION_ANS", ("ForQuestionAnswering",)),
+    ("CAUSAL_LM", ("ForCausalLM", "LMHeadModel")),
+)
+
+
+def infer_task_type(model: nn.Module) -> str | None:
+    """PEFT's task type for the model's class (``GPT2LMHeadModel`` -> "CAUSAL_LM",
+    ``BertForSequenceClassification`` -> "SEQ_CLS", ``BertModel`` -> "FEATURE_EXTRACTION",
+    ...), from transformers' auto mappings, else from the class name; None when neither says
+    (e.g. a masked language model, which PEFT has no task type for)."""
+    from transformers.models.auto import modeling_auto
+
+    name = type(model).__name__
+    for task, mapping_name in _TASK_MAPPINGS:
+        for value in getattr(modeling_auto, mapping_name, {}).values():
+            if name == value or (isinstance(value, (tuple, list)) and name in value):
+                return task
+    for task, suffixes in _TASK_SUFFIXES:
+        if name.endswith(suffixes):
+            return task
+    return None
+
+
+def classifier_pooler(model: nn.Module) -> str | None:
+    """The module path of the pooler feeding a sequence classifier's head (``bert.pooler`` for
+    ``BertForSequenceClassification``), or None. Only a path that no other module name ends
+    with is returned, since PEFT matches ``modules_to_save`` by name suffix."""
+    name = CLASSIFIER_POOLERS.get(getattr(getattr(model, "config", None), "model_type", None))
+    if name is None:
+        return None
+    modules = dict(model.named_modules())
+    prefix = getattr(model, "base_model_prefix", "")
+    for path in (name, f"{prefix}.{name}" if prefix else name):
+        module = modules.get(path)
+        if isinstance(module, nn.Module) and any(True for _ in module.parameters()):
+            if sum(n.endswith(path) for n in modules) == 1:
+                return path
+    return None
 
 
 def text_config(model: nn.Module):

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from ..ops import prefix_attention
+from ..reference.prefix_attention import causal_keep
 from .model_families import attention_modules
 
 ATTENTION_NAME = "lora_kernels"
@@ -65,7 +66,7 @@ def _decompose(mask: torch.Tensor, causal_first: bool) -> tuple[bool, torch.Tens
     keep = keep[:, 0]
     Lq, Lk = keep.shape[-2:]
     kpm = keep[:, -1, :]
-    tril = torch.ones(Lq, Lk, dtype=torch.bool, device=keep.device).tril(Lk - Lq)
+    tril = causal_keep(Lq, Lk, keep.device)
     for causal in ((True, False) if causal_first else (False, True)):
         expected = kpm[:, None, :] & tril if causal else kpm[:, None, :].expand_as(keep)
         if torch.equal(keep, expected):
@@ -95,7 +96,7 @@ def masked_attention_reference(query, key, value, prefix_k, prefix_v, mask, scal
     bias = torch.zeros(1, 1, Lq, Lk, device=query.device)
     if mask is None:
         if causal:
-            tril = torch.ones(Lq, Lk, dtype=torch.bool, device=query.device).tril(Lk - Lq)
+            tril = causal_keep(Lq, Lk, query.device)
             bias = bias.masked_fill(~tril, float("-inf"))
     elif mask.dtype == torch.bool:
         bias = bias.masked_fill(~mask, float("-inf"))
@@ -117,6 +118,22 @@ def masked_attention_reference(query, key, value, prefix_k, prefix_v, mask, scal
     return (probs @ value.float()).to(query.dtype)
 
 
+def set_layer_prefix(module: nn.Module, prefix_fn) -> None:
+    """Give an attention module its prefix: ``prefix_fn()`` returns ``(k, v)``, each
+    (Hkv, P, D). A plain attribute, not a submodule: the state dict does not change."""
+    module.__dict__[PREFIX_ATTR] = prefix_fn
+
+
+def clear_layer_prefix(module: nn.Module):
+    """Take an attention module's prefix away; returns it (None when it had none)."""
+    return module.__dict__.pop(PREFIX_ATTR, None)
+
+
+def layer_prefix(module: nn.Module):
+    """The attention module's prefix function, or None."""
+    return module.__dict__.get(PREFIX_ATTR)
+
+
 def lora_kernels_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """transformers attention function. query (B, Hq, Lq, D), key/value (B, Hkv, Lk, D)
     (not repeated for GQA), attention_mask (B, 1, Lq, Lk) bool/float or None ->
@@ -130,7 +147,7 @@ def lora_kernels_attention(module, query, key, value, attention_mask, scaling=No
         out = F.scaled_dot_product_attention(query, key, value, is_causal=module.is_causal,
                                              enable_gqa=True).transpose(1, 2)
     """
-    prefix_fn = getattr(module, PREFIX_ATTR, None)
+    prefix_fn = layer_prefix(module)
     prefix_k = prefix_v = None
     if prefix_fn is not None:
         prefix_k, prefix_v = prefix_fn()
@@ -250,6 +267,9 @@ def is_fused_attention_enabled(model: nn.Module) -> bool:
 __all__ = [
     "ATTENTION_NAME",
     "PREFIX_ATTR",
+    "clear_layer_prefix",
+    "layer_prefix",
+    "set_layer_prefix",
     "enable_fused_attention",
     "disable_fused_attention",
     "is_fused_attention_enabled",

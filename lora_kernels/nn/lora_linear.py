@@ -13,7 +13,7 @@ from ..ops import lora_linear
 _HALF = (torch.float16, torch.bfloat16)
 
 
-def _is_conv1d(module: nn.Module) -> bool:
+def is_conv1d(module: nn.Module) -> bool:
     """GPT-2's Conv1D (transformers.pytorch_utils.Conv1D) stores its weight as (in, out).
     Recognised by duck typing so this tier never imports transformers."""
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and module.weight.dim() == 2
@@ -92,7 +92,7 @@ class LoRALinear(nn.Module):
             raise TypeError("from_linear: the layer is already a LoRALinear")
         if isinstance(base, nn.Linear):
             fan_in_fan_out = False
-        elif _is_conv1d(base):
+        elif is_conv1d(base):
             fan_in_fan_out = True
         else:
             raise TypeError(f"from_linear: expected nn.Linear or Conv1D, got {type(base).__name__}")

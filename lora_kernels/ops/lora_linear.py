@@ -4,13 +4,12 @@ Two custom ops, ``lora_kernels::lora_linear`` (forward: returns ``y`` and the sa
 ``s = dropout(x) A^T``) and ``lora_kernels::lora_linear_backward``, each with a fake
 implementation, tied together with ``register_autograd``: ``torch.library.opcheck`` passes and
 ``torch.compile(fullgraph=True)`` traces through the op. The backend (torch, triton, cuda) is
-chosen once per call by :func:`lora_kernels.backends.choose` and passed to both ops as a string;
-its module is imported lazily, only when chosen.
+chosen once per call by :mod:`lora_kernels.backends` and passed to both ops as a string; its
+module is imported on first use.
 """
 
 from __future__ import annotations
 
-import importlib
 import math
 import numbers
 
@@ -21,36 +20,11 @@ from .. import _autocast, backends
 from .._checks import check_dim, check_same_device, check_tensor
 
 OP = "lora_linear"
-_MODULES = {
+backends.register_op(OP, {
     "torch": "lora_kernels.reference.lora_linear",
     "triton": "lora_kernels.triton.lora_linear",
     "cuda": "lora_kernels.cuda.lora_linear",
-}
-
-
-_loaded: dict = {}
-
-
-def _backend_module(name: str):
-    module = _loaded.get(name)
-    if module is None:
-        module = _loaded[name] = importlib.import_module(_MODULES[name])
-    return module
-
-
-def _support(name: str):
-    def reasons(**inputs) -> list[str]:
-        try:
-            module = _backend_module(name)
-        except ImportError as exc:  # e.g. the cuda wrappers are not in this build
-            return [f"{_MODULES[name]} cannot be imported ({exc})"]
-        return module.not_supported_reasons(**inputs)
-
-    return reasons
-
-
-for _name in _MODULES:
-    backends.register_support(OP, _name, _support(_name))
+})
 
 
 def _s_dtype(adapter_dtype: torch.dtype) -> torch.dtype:
@@ -68,14 +42,17 @@ def _lora_linear_op(
     """x (T, in), weight (out, in), bias (out,)?, lora_A (r, in), lora_B (out, r)
     -> y (T, out), s (T, r)."""
     with _autocast.disabled(x.device.type):
-        return _backend_module(backend).forward(x, weight, bias, lora_A, lora_B, scaling,
-                                                dropout_p, seed)
+        return backends.load(OP, backend).forward(x, weight, bias, lora_A, lora_B, scaling,
+                                                  dropout_p, seed)
 
 
 @_lora_linear_op.register_fake
 def _(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed, backend):
     y = x.new_empty(x.shape[0], weight.shape[0])
-    s = x.new_empty(x.shape[0], lora_A.shape[0], dtype=_s_dtype(lora_A.dtype))
+    # A backend may save more than S in s (the triton one: its packed dropout mask).
+    columns = getattr(backends.load(OP, backend), "saved_s_columns", None)
+    r = lora_A.shape[0] if columns is None else columns(x.shape[1], lora_A.shape[0], dropout_p)
+    s = x.new_empty(x.shape[0], r, dtype=_s_dtype(lora_A.dtype))
     return y, s
 
 
@@ -86,7 +63,7 @@ def _lora_linear_backward_op(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients (dx, dweight, dbias, dA, dB); an empty tensor where ``needs`` is False."""
     with _autocast.disabled(x.device.type):
-        grads = _backend_module(backend).backward(
+        grads = backends.load(OP, backend).backward(
             dy, x, weight, lora_A, lora_B, s, scaling, dropout_p, seed, tuple(needs)
         )
     return tuple(g if g is not None else dy.new_empty(0) for g in grads)
@@ -177,22 +154,18 @@ def _check_args(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training, f
     return in_features, out_features
 
 
-@torch.compiler.assume_constant_result
-def _choose_for_compile(backend, device, dtype, adapter_dtype, in_f, out_f, r, has_bias, p,
-                        training) -> str:
-    """backends.choose on stand-ins of the inputs (right device, dtype and shape; one element
-    expanded, so no memory); run once at trace time, its result is a constant of the graph."""
-
-    def like(*shape, dt):
-        return torch.empty((1,) * len(shape), dtype=dt, device=device).expand(*shape)
-
-    return backends.choose(
-        OP, backend, device,
-        x=like(1, in_f, dt=dtype), weight=like(out_f, in_f, dt=dtype),
-        bias=like(out_f, dt=dtype) if has_bias else None,
-        lora_A=like(r, in_f, dt=adapter_dtype), lora_B=like(out_f, r, dt=adapter_dtype),
-        dropout_p=p, training=training,
-    )
+def _choose(backend, x2, w, bias, lora_A, lora_B, p, training) -> str:
+    if not torch.compiler.is_compiling():
+        return backends.choose(OP, backend, x2.device, x=x2, weight=w, bias=bias, lora_A=lora_A,
+                               lora_B=lora_B, dropout_p=p, training=training)
+    # traced: chosen once from static metadata (the number of tokens given as 1)
+    out_f, in_f = w.shape
+    adt = lora_A.dtype
+    return backends.choose_static(OP, backend, x2.device, (
+        ("x", backends.spec((1, in_f), x2.dtype)), ("weight", backends.spec((out_f, in_f), w.dtype)),
+        ("bias", None if bias is None else backends.spec((out_f,), bias.dtype)),
+        ("lora_A", backends.spec(lora_A.shape, adt)), ("lora_B", backends.spec(lora_B.shape, adt)),
+        ("dropout_p", p), ("training", training)))
 
 
 def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, *, training=True,
@@ -235,13 +208,7 @@ def lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p=0.0, *, trai
     x2 = x.reshape(math.prod(lead), in_features)
     w = weight.t() if fan_in_fan_out else weight
     p = float(dropout_p) if training else 0.0
-    if torch.compiler.is_compiling():
-        # Traced: choose once from static metadata (dynamo cannot trace the lazy imports).
-        name = _choose_for_compile(backend, x.device, x.dtype, lora_A.dtype, in_features,
-                                   out_features, lora_A.shape[0], bias is not None, p, training)
-    else:
-        name = backends.choose(OP, backend, x.device, x=x2, weight=w, bias=bias, lora_A=lora_A,
-                               lora_B=lora_B, dropout_p=p, training=training)
+    name = _choose(backend, x2, w, bias, lora_A, lora_B, p, training)
     if p == 0.0:
         seed = 0
     elif seed is None:

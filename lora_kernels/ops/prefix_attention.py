@@ -1,16 +1,21 @@
 """prefix_attention: attention in which every query also sees a learned prefix of keys and
-values (prefix tuning), read from its own buffer, never concatenated or expanded per batch row.
+values (prefix tuning).
 
-The op layer: argument checks (before any kernel), backend choice
-(``lora_kernels.backends.choose``), and the ``torch.library`` custom ops
+The op layer: argument checks (before any kernel), the prefix normalised once (a 3-D shared
+prefix becomes (1, Hkv, P, D), an empty one None: backends see (Bp, Hkv, P, D) with P > 0, or
+None), the backend choice (:mod:`lora_kernels.backends`), and the ``torch.library`` custom ops
 ``lora_kernels::prefix_attention_fwd`` -> (out, lse) and ``lora_kernels::prefix_attention_bwd``
 with fake implementations and registered autograd, so ``torch.compile`` traces them.
-Backends (``reference``/torch, ``triton``, ``cuda``) are imported lazily, when chosen.
+
+The torch backend takes two routes. On CPU tensors, the custom op (the split CPU flash path of
+:mod:`lora_kernels.reference.prefix_attention`). On CUDA tensors (any device but the CPU), no
+custom op: SDPA's fused kernels composed in Python, differentiated by autograd
+(:mod:`lora_kernels.reference.prefix_attention_sdpa`), so its backward is SDPA's fused backward
+and it costs no more than PEFT's route. The triton and cuda backends run through the custom op.
 """
 
 from __future__ import annotations
 
-import importlib
 import logging
 import numbers
 
@@ -18,43 +23,17 @@ import torch
 
 from .. import _autocast, backends
 from .._checks import FLOAT_DTYPES, check_same_device, check_tensor
-from ..reference import prefix_attention as _torch_backend
+from ..reference import prefix_attention_sdpa as _sdpa
+from ..reference.prefix_attention import oracle
 
 OP = "prefix_attention"
-_BACKEND_MODULES = {
+backends.register_op(OP, {
     "torch": "lora_kernels.reference.prefix_attention",
     "triton": "lora_kernels.triton.prefix_attention",
     "cuda": "lora_kernels.cuda.prefix_attention",
-}
+})
 logger = logging.getLogger("lora_kernels")
 _dropout_logged = False
-
-
-# Imported backend modules. torch.compile cannot trace importlib, so a backend module is
-# imported the first time it is chosen eagerly (or here, for torch) and then only looked up.
-_modules = {"torch": _torch_backend}
-
-
-def _backend_module(name: str):
-    module = _modules.get(name)
-    if module is None:
-        module = _modules[name] = importlib.import_module(_BACKEND_MODULES[name])
-    return module
-
-
-def _support_fn(name: str):
-    def reasons(**inputs) -> list[str]:
-        try:
-            module = _backend_module(name)
-        except ImportError as e:  # e.g. the cuda wrappers are not there yet
-            return [f"{name} backend of {OP} cannot be imported: {e}"]
-        return list(module.not_supported_reasons(**inputs))
-
-    return reasons
-
-
-for _name in ("torch", "triton", "cuda"):
-    backends.register_support(OP, _name, _support_fn(_name))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -74,8 +53,8 @@ def _fwd_op(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     with _autocast.disabled(q.device.type):
-        out, lse = _backend_module(backend).forward(q, k, v, prefix_k, prefix_v,
-                                                    key_padding_mask, causal, scale)
+        out, lse = backends.load(OP, backend).forward(q, k, v, prefix_k, prefix_v,
+                                                      key_padding_mask, causal, scale)
     return out.contiguous(), lse.to(_lse_dtype(q)).contiguous()
 
 
@@ -105,7 +84,7 @@ def _bwd_op(
     backend: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     with _autocast.disabled(q.device.type):
-        dq, dk, dv, dpk, dpv = _backend_module(backend).backward(
+        dq, dk, dv, dpk, dpv = backends.load(OP, backend).backward(
             dout, q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse, causal, scale)
     if prefix_k is None:  # a custom op cannot return None: empty placeholders
         dpk, dpv = q.new_empty(0), q.new_empty(0)
@@ -222,7 +201,8 @@ def prefix_attention(q, k, v, prefix_k=None, prefix_v=None, *, causal=True,
         causal: query i sees sequence key j iff j <= i + (Lk - Lq) (bottom-right alignment).
         key_padding_mask: (B, Lk) bool, True = keep, or None; hides sequence keys only.
         scale: float, default D ** -0.5.
-        dropout_p: attention dropout in training (served by the torch backend).
+        dropout_p: attention dropout in training (served by the torch backend: SDPA's own on
+            CUDA tensors, the oracle on the CPU).
         training: dropout applies only when True.
         backend: "auto", "torch", "triton" or "cuda" (see lora_kernels.backends).
 
@@ -247,19 +227,37 @@ def prefix_attention(q, k, v, prefix_k=None, prefix_v=None, *, causal=True,
     if prefix_k is not None and prefix_k.shape[2] == 0:
         prefix_k = prefix_v = None
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    dropout_p = float(dropout_p)
-    name = backends.choose(OP, backend, q.device, q=q, k=k, v=v, prefix_k=prefix_k,
-                           prefix_v=prefix_v, key_padding_mask=key_padding_mask, causal=causal,
-                           dropout_p=dropout_p, training=training)
-    if dropout_p > 0 and training:
+    dropout_p = float(dropout_p) if training else 0.0
+    name = _choose(backend, q, k, v, prefix_k, prefix_v, key_padding_mask, causal, dropout_p,
+                   training)
+    if name == "torch" and _sdpa.serves(q.device):
+        with _autocast.disabled(q.device.type):
+            return _sdpa.attention(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale,
+                                   dropout_p)
+    if dropout_p > 0:
         _log_dropout_once(name)
-        from ..reference.prefix_attention import oracle
-
         return oracle(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale,
                       dropout_p=dropout_p, training=True)
     out, _ = torch.ops.lora_kernels.prefix_attention_fwd(
         q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale, name)
     return out
+
+
+def _choose(backend, q, k, v, prefix_k, prefix_v, key_padding_mask, causal, dropout_p, training):
+    if not torch.compiler.is_compiling():
+        return backends.choose(OP, backend, q.device, q=q, k=k, v=v, prefix_k=prefix_k,
+                               prefix_v=prefix_v, key_padding_mask=key_padding_mask,
+                               causal=causal, dropout_p=dropout_p, training=training)
+    # traced: chosen once from static metadata (batch and lengths given as 1)
+    _, Hq, _, D = q.shape
+    Hkv = k.shape[1]
+    kv = backends.spec((1, Hkv, 1, D), k.dtype)
+    pk = None if prefix_k is None else backends.spec((1, Hkv, prefix_k.shape[2], D), k.dtype)
+    mask = None if key_padding_mask is None else backends.spec((1, 1), torch.bool)
+    return backends.choose_static(OP, backend, q.device, (
+        ("q", backends.spec((1, Hq, 1, D), q.dtype)), ("k", kv), ("v", kv), ("prefix_k", pk),
+        ("prefix_v", pk), ("key_padding_mask", mask), ("causal", causal),
+        ("dropout_p", dropout_p), ("training", training)))
 
 
 def _log_dropout_once(name: str) -> None:

@@ -1,13 +1,39 @@
-"""lora_linear in plain PyTorch: the fallback backend everywhere and the oracle of the tests.
+"""lora_linear in plain PyTorch: the torch backend (CPU and CUDA) and the oracle of the tests.
 
-``y = x W^T + b + scaling * dropout(x) A^T B^T``, forward and a hand-written backward.
+``y = x W^T + b + scaling * dropout(x) A^T B^T``, forward and a hand-written backward, in
+dense GEMMs only (``mm``/``addmm``/``addmm_`` with alpha and beta: cuBLAS on CUDA).
 
-Memory, the point of this backend on the CPU: the forward writes the base output once
-(``addmm``) and adds the LoRA term into it in place (``addmm_``), so no separate (T, out) LoRA
-tensor exists; it keeps only ``s = dropout(x) A^T`` (T, r) besides ``x``. The dropout mask is
-never stored: it is drawn from a ``torch.Generator`` seeded from ``(seed, chunk)`` over row
-chunks of ``x``, so the backward regenerates exactly the same mask, chunk by chunk, with at most
-one chunk of mask and dropped input alive at a time.
+Memory: the forward writes the base output once (``addmm``) and adds the LoRA term into it in
+place (``addmm_``), so no separate (T, out) LoRA tensor exists; it keeps only
+``s = dropout(x) A^T`` (T, r) besides ``x``: nothing of size (T, in). The dropout mask is never
+stored: it is drawn from a ``torch.Generator`` seeded from ``(seed, chunk)`` over row chunks of
+``x``, so the backward regenerates exactly the same mask, chunk by chunk, with at most one chunk
+of mask and dropped input alive at a time. On the CPU a chunk's mask is 16-bit words of one
+``random_`` compared in place (cache-sized chunks); on CUDA it is one ``bernoulli_`` launch per
+chunk of 4 M elements, written in the adapter dtype (so the mask stream differs by device).
+
+The cost on CUDA is counted in kernels that stream (T, in) data (x, dX, masks, dropout(x)) or
+(T, out) data (y, dY), for PEFT's default setting (dropout, fp32 adapters over a bf16 base),
+next to PEFT's ``lora.Linear`` (the anchor). This backend's (T, in) temporaries live one chunk
+of 4 M elements at a time (L2-sized) and nothing of size (T, in) is saved; PEFT's are whole
+tensors and two of them (the dropped copy and the mask) are saved for the backward.
+
+=================  ==========================================  ===================================
+passes             this backend                                PEFT
+=================  ==========================================  ===================================
+forward, x         4: base GEMM; bernoulli_; mask * x; A GEMM  4: base GEMM; fp32 cast; dropout;
+                                                               A GEMM
+forward, y         3: base GEMM; B GEMM; add into y            5: base GEMM; B GEMM; * scaling;
+                                                               + y (fp32); cast back
+backward, dY       4: dX GEMM; fp32 cast; dS GEMM; dB GEMM     6: fp32 cast; cast back for the
+                                                               base; dX GEMM; * scaling; dS GEMM;
+                                                               dB GEMM
+backward, x / dX   6: dX GEMM; bernoulli_; dS A GEMM;          6: dX GEMM; dS A GEMM; dropout
+                   addcmul_ into dX; mask * x; dA GEMM         backward; cast; dX sum; dA GEMM
+=================  ==========================================  ===================================
+
+With adapters in x's dtype and no dropout the LoRA term adds no elementwise pass: forward
+x A^T and ``addmm_`` into y (alpha = scaling), backward dY B, dY^T S and ``addmm_`` into dX.
 
 Backend contract (shared with the triton and cuda backends): ``forward``, ``backward``,
 ``not_supported_reasons``; ``lora_linear_formula`` is the plain-autograd formula for tests.
@@ -17,10 +43,16 @@ from __future__ import annotations
 
 import torch
 
+from ..backends import Capabilities
+
+CAPABILITIES = Capabilities()  # every device and dtype
+
 # Elements of x per dropout chunk: the mask of a chunk lives only while it is used. Small on
 # the CPU (the chunk stays in cache), large on a GPU (few kernel launches per call).
 CHUNK_ELEMENTS = 1 << 18
 CUDA_CHUNK_ELEMENTS = 1 << 22
+# Tests set this to run the CUDA path on CPU tensors (bernoulli_ masks, mixed-dtype updates).
+DEVICE_PATH_ON_CPU = False
 _SEED_MIX = 0x9E3779B97F4A7C15  # golden-ratio odd constant: spreads (seed, chunk) over 64 bits
 _MASK64 = (1 << 64) - 1
 
@@ -42,19 +74,30 @@ def _chunk_generator(seed: int, chunk: int, device: torch.device) -> torch.Gener
     return gen
 
 
+def _device_path(device: torch.device) -> bool:
+    """Off the CPU (or forced by tests): bernoulli_ masks and one-kernel mixed-dtype updates."""
+    return device.type != "cpu" or DEVICE_PATH_ON_CPU
+
+
 class KeepMasks:
     """Keep-masks of successive row chunks of x (T, in), as 0./1. in ``dtype`` (1 = kept),
-    drawn into buffers reused from chunk to chunk. The mask of a chunk is a pure function of
-    (seed, chunk, shape).
+    drawn into a buffer reused from chunk to chunk. The mask of a chunk is a pure function of
+    (seed, chunk, shape) for a given device type and adapter dtype (forward and backward share
+    both).
 
-    16 random bits per element (four per 64-bit draw: a quarter of the generator calls of
-    ``torch.rand``), kept when above ``p`` of their range, so the drop probability is ``p``
-    rounded to a multiple of 2^-16. Compared as float32 in place: a float mask multiplies an
-    order of magnitude faster than a bool one on the CPU."""
+    On CUDA one ``bernoulli_`` launch per chunk. On the CPU 16 random bits per element (four per
+    64-bit draw: a quarter of the generator calls of ``torch.rand``), kept when above ``p`` of
+    their range, so the drop probability is ``p`` rounded to a multiple of 2^-16; compared as
+    float32 in place (a float mask multiplies an order of magnitude faster than a bool one)."""
 
     def __init__(self, x: torch.Tensor, dropout_p: float, seed: int, dtype: torch.dtype):
         rows = min(rows_per_chunk(x.shape[1], x.device), x.shape[0])
         self.in_features, self.seed, self.device = x.shape[1], seed, x.device
+        self.bernoulli = _device_path(x.device)
+        self.keep_p = 1.0 - dropout_p
+        if self.bernoulli:
+            self.out = torch.empty(rows, self.in_features, device=x.device, dtype=dtype)
+            return
         self.threshold = float(int(round(dropout_p * 65536)) - 32768)
         self.words = torch.empty((rows * self.in_features + 3) // 4, dtype=torch.int64,
                                  device=x.device)
@@ -64,6 +107,8 @@ class KeepMasks:
     def __call__(self, chunk: int, rows: int) -> torch.Tensor:
         """The (rows, in) mask of one chunk: a view of the buffer, valid until the next call."""
         gen = _chunk_generator(self.seed, chunk, self.device)
+        if self.bernoulli:
+            return self.out[:rows].bernoulli_(self.keep_p, generator=gen)
         n = rows * self.in_features
         words = self.words[: (n + 3) // 4].random_(-(2**63), 2**63 - 1, generator=gen)
         mask = self.f32[:rows]
@@ -117,36 +162,34 @@ def forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
     return y, s
 
 
-def _grad_s_and_b(dy, lora_B, s_a, scaling, need_s, need_b):
+def _grad_s_and_b(dy, lora_B, s_a, scaling, need_s, need_lora_B):
     """``dS = scaling dY B`` (T, r) and ``dB = scaling dY^T S`` (out, r) in the adapter dtype;
     dY is cast to it row chunk by row chunk when the dtypes differ."""
     adt = lora_B.dtype
     if dy.dtype == adt:
         ds = torch.mm(dy, lora_B).mul_(scaling) if need_s else None
-        dB = torch.mm(dy.t(), s_a).mul_(scaling) if need_b else None
+        dB = torch.mm(dy.t(), s_a).mul_(scaling) if need_lora_B else None
         return ds, dB
     ds = torch.empty(dy.shape[0], lora_B.shape[1], device=dy.device, dtype=adt) if need_s else None
-    dB = torch.zeros_like(lora_B) if need_b else None
+    dB = torch.zeros_like(lora_B) if need_lora_B else None
     step = rows_per_chunk(dy.shape[1], dy.device)
     for a in range(0, dy.shape[0], step):
         dy_a = dy[a : a + step].to(adt)
         if need_s:
             torch.mm(dy_a, lora_B, out=ds[a : a + step])
-        if need_b:
-            dB.addmm_(dy_a.t(), s_a[a : a + step])
+        if need_lora_B:
+            dB.addmm_(dy_a.t(), s_a[a : a + step], alpha=scaling)
     if need_s:
         ds.mul_(scaling)
-    if need_b:
-        dB.mul_(scaling)
     return ds, dB
 
 
 def backward(dy, x, weight, lora_A, lora_B, s, scaling, dropout_p, seed, needs):
     """Gradients ``(dx, dweight, dbias, dA, dB)`` for ``needs`` = which of (x, weight, bias,
     lora_A, lora_B) need one (None where not). dweight (out, in) as ``weight`` was passed."""
-    need_x, need_w, need_b, need_a, need_bb = needs
+    need_x, need_weight, need_bias, need_a, need_lora_B = needs
     adt = lora_A.dtype
-    ds, dB = _grad_s_and_b(dy, lora_B, s.to(adt), scaling, need_x or need_a, need_bb)
+    ds, dB = _grad_s_and_b(dy, lora_B, s.to(adt), scaling, need_x or need_a, need_lora_B)
     dx = dA = None
     if need_x:
         dx = torch.mm(dy, weight.to(dy.dtype))
@@ -162,19 +205,24 @@ def backward(dy, x, weight, lora_A, lora_B, s, scaling, dropout_p, seed, needs):
             if dropout_p:
                 ds = ds * (1.0 / (1.0 - dropout_p))  # (T, r): cheaper than scaling (T, in)
             masks = KeepMasks(x, dropout_p, seed, adt) if dropout_p else None
+            device_path = _device_path(x.device)
             for chunk, a, b in _chunks(x):
                 keep = masks(chunk, b - a) if dropout_p else None
                 if need_x:
                     g = torch.mm(ds[a:b], lora_A)  # (rows, in) in the adapter dtype
-                    if keep is not None:
-                        g.mul_(keep)
-                    # a same-dtype add is several times faster than a mixed one on the CPU
-                    dx[a:b].add_(g if g.dtype == dx.dtype else g.to(dx.dtype))
+                    if device_path and keep is not None:  # one kernel: dX += mask * (dS A)
+                        dx[a:b].addcmul_(g, keep)
+                    elif device_path:  # mixed dtypes in one kernel
+                        dx[a:b].add_(g)
+                    else:  # on the CPU a same-dtype add is several times faster than a mixed one
+                        if keep is not None:
+                            g.mul_(keep)
+                        dx[a:b].add_(g if g.dtype == dx.dtype else g.to(dx.dtype))
                 if need_a:  # the mask buffer becomes dropout(x) (unscaled: ds carries 1/(1-p))
                     xd = x[a:b].to(adt) if keep is None else keep.mul_(x[a:b])
                     dA.addmm_(ds[a:b].t(), xd)
-    dw = torch.mm(dy.t(), x) if need_w else None
-    db = dy.sum(0) if need_b else None
+    dw = torch.mm(dy.t(), x) if need_weight else None
+    db = dy.sum(0) if need_bias else None
     return dx, dw, db, dA, dB
 
 

@@ -1,30 +1,33 @@
-"""prefix_attention in plain PyTorch: the oracle of the tests and the torch backend.
-
-Two things live here.
+"""prefix_attention in plain PyTorch: the oracle of the tests and the torch backend on the CPU.
 
 - :func:`oracle`: the obvious computation (prefix keys concatenated before the sequence keys,
   an explicit boolean mask, softmax in float32, or float64 for float64 inputs). It is
-  differentiable by autograd and is what serves ``dropout_p > 0``.
-- :func:`forward` / :func:`backward`: the torch backend of the op (the backend contract of the
-  package). Nothing is concatenated or expanded per batch row: the sequence part runs through
-  PyTorch's CPU flash-attention kernel (``aten._scaled_dot_product_flash_attention_for_cpu``,
-  which returns the log-sum-exp and reads grouped-query heads without copies), causal
-  attention split into query chunks that attend only the keys they can see (the kernel costs
-  Lq * Lk whether causal or not); the prefix part is a second flash call on the stride-0
-  expanded prefix (a view, no copy); the two are merged with their log-sum-exps (one lerp).
-  Off the CPU the backend runs the oracle (the triton and cuda backends are the fast ones). The backward is the
-  FlashAttention one, split the same way: with the *merged* output and log-sum-exp, the flash
-  backward of each part gives exactly that part of the full gradient (causal squares without
-  padding split their keys into blocks, each seen top-left causally by the queries from its
-  first key on).
-"""
+  differentiable by autograd and is what serves ``dropout_p > 0`` on the CPU.
+- :func:`forward` / :func:`backward`: the torch backend of the custom op (the backend contract
+  of the package), what CPU tensors run. Nothing is concatenated or expanded per batch row: the
+  sequence part runs through PyTorch's CPU flash-attention kernel
+  (``aten._scaled_dot_product_flash_attention_for_cpu``, which returns the log-sum-exp and reads
+  grouped-query heads without copies), causal attention split into query chunks that attend
+  only the keys they can see (the kernel costs Lq * Lk whether causal or not); the prefix part
+  is a second flash call on the stride-0 expanded prefix (a view, no copy); the two are merged
+  with their log-sum-exps (one lerp). The backward is the FlashAttention one, split the same
+  way: with the *merged* output and log-sum-exp, the flash backward of each part gives exactly
+  that part of the full gradient (causal squares without padding split their keys into blocks,
+  each seen top-left causally by the queries from its first key on).
+- :func:`causal_keep`: the bottom-right causal mask, built here once for the whole package.
 
+On other devices the torch backend does not use the custom op: the op calls
+:mod:`lora_kernels.reference.prefix_attention_sdpa` (SDPA's fused kernels, autograd's backward).
+Called directly on such tensors, :func:`forward` / :func:`backward` fall back to the oracle.
+"""
 from __future__ import annotations
 
 import functools
 import math
 
 import torch
+
+from ..backends import Capabilities
 
 _flash_fwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default
 _flash_bwd = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward.default
@@ -36,15 +39,22 @@ def _as_4d_prefix(prefix: torch.Tensor | None) -> torch.Tensor | None:
     return prefix.unsqueeze(0)
 
 
-def _keep_mask(
-    B: int, Lq: int, Lk: int, key_padding_mask: torch.Tensor | None, causal: bool, device
-) -> torch.Tensor:
-    """(B or 1, 1, Lq, Lk) bool, True where a query sees a sequence key (bottom-right causal)."""
-    keep = torch.ones(1, 1, Lq, Lk, dtype=torch.bool, device=device)
-    if causal:
-        keep = keep & torch.ones(Lq, Lk, dtype=torch.bool, device=device).tril(Lk - Lq)
+def causal_keep(Lq: int, Lk: int, device) -> torch.Tensor:
+    """(Lq, Lk) bool, True where query i sees key j: ``j <= i + Lk - Lq``. The queries are the
+    last Lq of the Lk positions (bottom-right alignment, as FlashAttention 2 and
+    ``torch.nn.attention.bias.causal_lower_right``)."""
+    rows = torch.arange(Lq, device=device).unsqueeze(1) + (Lk - Lq)
+    return torch.arange(Lk, device=device) <= rows
+
+
+def keep_mask(Lq: int, Lk: int, key_padding_mask: torch.Tensor | None, causal: bool,
+              device) -> torch.Tensor | None:
+    """(B or 1, 1, Lq or 1, Lk) bool, True where a query sees a sequence key (bottom-right
+    causal and key padding); None when every query sees every key."""
+    keep = causal_keep(Lq, Lk, device).view(1, 1, Lq, Lk) if causal else None
     if key_padding_mask is not None:
-        keep = keep & key_padding_mask.reshape(B, 1, 1, Lk)
+        pad = key_padding_mask.reshape(-1, 1, 1, Lk)
+        keep = pad if keep is None else keep & pad
     return keep
 
 
@@ -77,7 +87,10 @@ def oracle(
     Hkv, Lk = k.shape[1], k.shape[2]
     scale = D**-0.5 if scale is None else scale
     compute = torch.float64 if q.dtype == torch.float64 else torch.float32
-    keep = _keep_mask(B, Lq, Lk, key_padding_mask, causal, q.device).expand(B, 1, Lq, Lk)
+    keep = keep_mask(Lq, Lk, key_padding_mask, causal, q.device)
+    if keep is None:
+        keep = torch.ones(1, 1, 1, Lk, dtype=torch.bool, device=q.device)
+    keep = keep.expand(B, 1, Lq, Lk)
     pk, pv = _as_4d_prefix(prefix_k), _as_4d_prefix(prefix_v)
     if pk is not None and pk.shape[2] > 0:
         P = pk.shape[2]
@@ -98,24 +111,16 @@ def oracle(
 
 
 # ----------------------------------------------------------------------------------------------
-# The torch backend (fast path): same contract as lora_kernels/triton/prefix_attention.py.
+# The torch backend (the CPU path): same contract as lora_kernels/triton/prefix_attention.py.
+# The op hands every backend a prefix (Bp, Hkv, P, D) with P > 0, or None.
+
+CAPABILITIES = Capabilities()  # every device, dtype and head dim; dropout through the oracle
 
 
 def not_supported_reasons(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, dropout_p,
                           training) -> list[str]:
-    """The torch backend serves every valid input (dropout through the oracle in the op)."""
+    """The torch backend serves every valid input."""
     return []
-
-
-def _keep_mask_fast(B, Lq, Lk, key_padding_mask, causal, device):
-    keep = None
-    if causal:
-        rows = torch.arange(Lq, device=device).unsqueeze(1) + (Lk - Lq)
-        keep = (torch.arange(Lk, device=device) <= rows).view(1, 1, Lq, Lk)
-    if key_padding_mask is not None:
-        pad = key_padding_mask.reshape(B, 1, 1, Lk)
-        keep = pad if keep is None else keep & pad
-    return keep
 
 
 def _sequence_bias(q, Lk, key_padding_mask, causal):
@@ -126,7 +131,7 @@ def _sequence_bias(q, Lk, key_padding_mask, causal):
         return causal, None, None  # top-left == bottom-right when Lq == Lk
     if key_padding_mask is None:  # causal with Lq != Lk: the same small bias every call
         return False, _causal_bias(Lq, Lk, q.dtype, q.device), None
-    keep = _keep_mask_fast(B, Lq, Lk, key_padding_mask, causal, q.device)
+    keep = keep_mask(Lq, Lk, key_padding_mask, causal, q.device)
     bias = torch.zeros(keep.shape, dtype=q.dtype, device=q.device).masked_fill_(~keep, -math.inf)
     return False, bias, ~keep.any(-1)
 
@@ -134,7 +139,7 @@ def _sequence_bias(q, Lk, key_padding_mask, causal):
 @functools.lru_cache(maxsize=64)
 def _causal_bias(Lq: int, Lk: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """(1, 1, Lq, Lk) additive bottom-right causal mask (read-only, cached)."""
-    keep = _keep_mask_fast(1, Lq, Lk, None, True, device)
+    keep = causal_keep(Lq, Lk, device).view(1, 1, Lq, Lk)
     return torch.zeros(keep.shape, dtype=dtype, device=device).masked_fill_(~keep, -math.inf)
 
 
@@ -173,8 +178,8 @@ def _sequence_chunk_forward(q, k, v, key_padding_mask, causal, scale, a, b, e):
 
 
 def _cpu_flash(q: torch.Tensor) -> bool:
-    """The split flash path needs PyTorch's CPU flash kernel; elsewhere (CUDA tensors, where
-    the triton and cuda backends are the fast ones) the torch backend runs the oracle."""
+    """The split flash path needs PyTorch's CPU flash kernel; elsewhere (the custom op called
+    directly: the public op takes the SDPA path there) the oracle serves."""
     return q.device.type == "cpu"
 
 
@@ -315,4 +320,5 @@ def flops(B: int, Hq: int, Lq: int, Lk: int, P: int, D: int, causal: bool) -> fl
     return 4.0 * B * Hq * D * (seq + Lq * P)
 
 
-__all__ = ["oracle", "forward", "backward", "not_supported_reasons", "flops"]
+__all__ = ["oracle", "forward", "backward", "not_supported_reasons", "flops", "causal_keep",
+           "keep_mask"]

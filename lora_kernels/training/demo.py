@@ -99,6 +99,8 @@ def run_demo(
     ``lr`` and ``method_config`` (one for all methods, or one per method) default to the recipe."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+    from .env import portable_path
+
     data_dir = Path(data_dir)
     splits = {
         name: load_records(data_dir / f"{name}.jsonl", "text", "label")[:size]
@@ -130,7 +132,7 @@ def run_demo(
         print(f"{METHOD_NAMES[method]:<17} done in {res['train_seconds']:.0f} s: "
               f"test accuracy {res['test']['accuracy']:.3f}", file=sys.stderr, flush=True)
     settings = {
-        "model": str(model_dir), "data": str(data_dir), "impl": impl, "epochs": epochs,
+        "model": portable_path(model_dir), "data": portable_path(data_dir), "impl": impl, "epochs": epochs,
         "batch_size": batch_size, "max_length": max_length, "seed": seed, "device": device,
         "sizes": {k: len(v) for k, v in splits.items()}, "torch_threads": torch.get_num_threads(),
     }
@@ -162,40 +164,11 @@ def format_table(rows: list[dict]) -> str:
 
 def plot(result: dict, path: Path) -> Path | None:
     """Loss curves per method (left) and test accuracy against trainable parameters (right)."""
-    try:
-        import matplotlib
+    from .plots import plot_runs
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib is not installed: no figure", file=sys.stderr)
-        return None
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for method, res in result["runs"].items():
-        loss = res["history"]["train_loss"]
-        k = max(1, len(loss) // 40)
-        smooth = [sum(loss[max(0, i - k + 1): i + 1]) / len(loss[max(0, i - k + 1): i + 1])
-                  for i in range(len(loss))]
-        line, = ax1.plot(range(1, len(loss) + 1), smooth, label=f"{METHOD_NAMES[method]} (train)")
-        per_epoch = len(loss) / len(res["history"]["val"])
-        ax1.plot([per_epoch * (i + 1) for i in range(len(res["history"]["val"]))],
-                 [v["loss"] for v in res["history"]["val"]], "o--", color=line.get_color(),
-                 label=f"{METHOD_NAMES[method]} (validation)")
-        ax2.scatter(res["trainable_params"], res["test"]["accuracy"], color=line.get_color(), s=60)
-        ax2.annotate(METHOD_NAMES[method], (res["trainable_params"], res["test"]["accuracy"]),
-                     textcoords="offset points", xytext=(6, 4))
-    ax1.set(xlabel="training step", ylabel="cross-entropy", title="Loss (train: running mean)")
-    ax1.legend(fontsize=7)
-    ax2.set_xscale("log")
-    ax2.set(xlabel="trainable parameters (log)", ylabel="test accuracy",
-            title="Test accuracy vs trainable parameters")
-    ax2.grid(alpha=0.3)
-    fig.suptitle(f"MiniLM-L6 on data/reviews ({result['settings']['sizes']['train']} training sentences)")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    runs = {METHOD_NAMES[method]: res for method, res in result["runs"].items()}
+    title = f"MiniLM-L6 on data/reviews ({result['settings']['sizes']['train']} training sentences)"
+    return plot_runs(runs, path, title=title, accuracy="parameters")
 
 
 def main(argv: list[str] | None = None) -> int:

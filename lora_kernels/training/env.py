@@ -1,9 +1,12 @@
-"""What ran a job: CPU model and cores or GPU name, library versions."""
+"""What ran a job: CPU model and cores or GPU name, library versions; paths as result files
+should record them."""
 
 from __future__ import annotations
 
 import os
 import platform
+import sysconfig
+from pathlib import Path
 
 import torch
 
@@ -28,3 +31,22 @@ def machine_info(device: str | torch.device = "cpu") -> dict[str, str]:
         except ImportError:
             pass
     return info
+
+
+def portable_path(path: str | Path) -> str:
+    """``path`` as a result file should record it: relative to site-packages, the working
+    folder or the repository when inside one of them, else only its last two parts (a result
+    file must not carry the layout of the machine it was written on)."""
+    path = Path(path)
+    if not path.is_absolute():
+        return path.as_posix()
+    resolved = path.resolve()
+    # site-packages first: a virtualenv often lives inside the working folder or the repository
+    bases = [*(Path(p) for p in {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"]}),
+             Path.cwd(), Path(__file__).resolve().parents[2]]
+    for base in bases:
+        try:
+            return resolved.relative_to(base.resolve()).as_posix()
+        except ValueError:
+            continue
+    return Path(*resolved.parts[-2:]).as_posix()

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..tuning.model import count_parameters
+from .checkpoint import Checkpointer
 from .data import TokenizedSplit
 from .memory import PeakMemory
 from .metrics import accuracy, macro_f1
@@ -88,8 +89,15 @@ def fit(
     cfg: TrainConfig,
     pad_id: int,
     desc: str = "train",
+    *,
+    checkpointer: Checkpointer | None = None,
+    resume: bool = False,
 ) -> dict:
     """Train ``model``'s parameters that require grad; return the metrics and curves.
+
+    With a ``checkpointer`` a checkpoint is saved after every epoch; with ``resume`` training
+    continues from its latest one (same data and configuration: the result equals that of an
+    uninterrupted run).
 
     Returns a dict: ``trainable_params``, ``total_params``, ``step_time_ms`` (median),
     ``peak_memory_bytes`` (first epoch's training steps, above what was live before),
@@ -117,10 +125,19 @@ def fit(
         opt, lambda s: min((s + 1) / warmup, max(0.0, (total_steps - s) / max(1, total_steps - warmup)))
     )
     causal = cfg.task != "classification"
-    history = {"train_loss": [], "epoch_train_loss": [], "val": []}
-    step_times, best, best_state, best_epoch, peak = [], None, None, 0, None
-    t_start = time.perf_counter()
-    for epoch in range(cfg.epochs):
+    record = {"history": {"train_loss": [], "epoch_train_loss": [], "val": []}, "step_times": [],
+              "best": None, "best_epoch": 0, "peak": None, "seconds": 0.0}
+    best_state, first_epoch = None, 0
+    if resume:
+        if checkpointer is None:
+            raise ValueError("fit: resume=True needs a checkpointer")
+        state = checkpointer.restore(named, opt, sched)
+        record, first_epoch = state["record"], state["epoch"]
+        best_state = checkpointer.weights(record["best_epoch"])
+    history, step_times = record["history"], record["step_times"]
+    best, best_epoch, peak = record["best"], record["best_epoch"], record["peak"]
+    t_start = time.perf_counter() - record["seconds"]
+    for epoch in range(first_epoch, cfg.epochs):
         model.train()
         bar = tqdm(
             train.batches(cfg.batch_size, pad_id, shuffle=True, seed=cfg.seed + epoch, causal=causal),
@@ -156,6 +173,10 @@ def fit(
         if _is_better(metrics, best, cfg.task):
             best, best_epoch = metrics, epoch + 1
             best_state = {n: p.detach().to("cpu", copy=True) for n, p in named}
+        if checkpointer is not None:
+            record.update(best=best, best_epoch=best_epoch, peak=peak,
+                          seconds=time.perf_counter() - t_start)
+            checkpointer.save(epoch + 1, named, opt, sched, record)
     with torch.no_grad():
         for n, p in named:
             p.copy_(best_state[n])

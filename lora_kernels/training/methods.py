@@ -7,8 +7,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..integrations.model_families import TASK_HEADS
+
 METHODS = ("full", "prompt", "prefix", "lora")
-HEAD_NAMES = ("classifier", "score")
+HEAD_NAMES = TASK_HEADS["SEQ_CLS"]
 
 
 @dataclass

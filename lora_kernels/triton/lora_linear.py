@@ -1,437 +1,266 @@
-"""lora_linear in Triton: ``y = x W^T + b + scaling * dropout(x) A^T B^T``.
+"""lora_linear in Triton: ``y = x W^T + b + scaling * dropout(x) A^T B^T`` (the design is in
+docs/ARCHITECTURE.md; the static sm_90 profile and traffic model in benchmarks/README.md).
 
-Kernels (after LoRAFusion and Punica's shrink/expand, see DESIGN.md):
+Per training step (T tokens, in -> out, rank r, dropout p), kernels by :data:`KERNELS` name:
 
-forward
-  ``_shrink``   S = dropout(x) A^T  (T, r) fp32; the Philox mask ``tl.rand(seed, row*in+col)``
-                is drawn in the kernel and never stored.
-  ``_fwd_gemm`` Y = x W^T with its fp32 accumulator seeded by ``scaling * S B^T`` and the bias
-                added in the epilogue: the LoRA output never exists on its own in memory.
-backward
-  ``_ds_db``    one pass over dY: dS = scaling dY B (T, r) and dB = scaling dY^T S (out, r)
-                (dB summed over row blocks with fp32 atomics).
-  ``_dx``       dX = dY W + mask * (dS A) / (1-p), one GEMM whose accumulator starts at the
-                masked LoRA term.
-  ``_da``       dA = dS^T dropout(x), the mask regenerated from the seed.
-  dW = dY^T x and db = sum(dY) (only when asked for) are plain cuBLAS calls through torch.
+forward   ``shrink``  one pass over x: the keep-mask (one Philox call per 8 elements, stored
+                      as bits in extra columns of the saved ``s``) and S = dropout(x) A^T.
+          ``fwd``     y = bias + scaling S B^T + x W^T: the LoRA term seeds the fp32
+                      accumulator of a persistent, TMA-fed GEMM (:mod:`.lora_gemm`).
+backward  ``ds_db``   one pass over dY: dS = scaling dY B and dB = scaling dY^T S (split
+                      partials, summed in a fixed order).
+          ``dx``      dX = dY W + keep * (dS A) / (1 - p), the same GEMM with the masked LoRA
+                      term seeding it; up to r = 32 it also reads x's tile and writes dA's
+                      partials (dA = dS^T dropout(x) / (1 - p)).
+          ``da``      above r = 32, or when x needs no gradient: dA in its own pass over x.
+          dW = dY^T x and db = sum(dY) (only when asked for) are cuBLAS calls through torch.
 
-Dots: operands cast to the compute type of their side (x's dtype for the base GEMM, the adapter
-dtype for the LoRA factors, as PEFT computes them), fp32 accumulation, fp32 dots in
-``ieee`` precision. Under Triton's interpreter bf16 tiles are cast to fp32 before ``tl.dot``
-(``INTERPRETER``), on a GPU bf16 dots stay on the tensor cores. Row and column indices are
-int64, so ``row * stride`` cannot overflow; every load is masked.
+Passes over (T, in) / (T, out) activations beyond the two base GEMMs: x once (shrink; dA's
+read of x rides inside the compute-bound dX GEMM), dY once (dS/dB), the mask words (1/8 of a
+bf16 x) written once and read once (twice when dA takes its own pass). No atomics anywhere.
 
-Backend contract: ``forward``, ``backward``, ``not_supported_reasons`` (see the op).
+Base GEMMs: fused in Triton for fp16/bf16 (:data:`TRITON_BASE_DTYPES`). The alternative,
+cuBLAS with beta = 1 onto a buffer already holding bias + LoRA term (``y.addmm_(x, W^T)``),
+needs that buffer written by a kernel of its own, forward and for dX: 128 MiB of writes at
+T = 8192, in = out = 4096 in bf16 (28 us at 4.8 TB/s, 5 % of the two base GEMMs' modelled
+556 us; the GEMMs' reads of it ride along their compute), against 3 GFLOP of LoRA prologue per
+fused GEMM (3 us). So the fused GEMM wins as long as it is within about 4 % of cuBLAS. fp32
+bases take the cuBLAS route (this kernel's prologue-only mode, then ``addmm_``): tensor cores
+would need an fp32 emulation in the mainloop, and cuBLAS follows ``torch.backends``' TF32
+setting as ``F.linear`` does.
+
+LoRA dots: split-precision bf16 pieces on the tensor cores (see :mod:`.lora_dots`).
+Backend contract: ``forward``, ``backward``, ``not_supported_reasons`` (see the op), plus
+:func:`saved_s_columns` (the width of the saved ``s``, which carries the mask).
 """
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import triton
-import triton.language as tl
 
-from ._common import INTERPRETER
+from ..backends import Capabilities
+from . import lora_backward, lora_forward, lora_gemm
+from ._common import INTERPRETER, device_guard, num_sms, pow2_bucket
+from .lora_backward import COL_QUANTUM, ROW_QUANTUM, _da, _ds_db
+from .lora_dots import dot_plan
+from .lora_dropout import mask_columns, saved_s_columns, seed_words, threshold
+from .lora_forward import _shrink
+from .lora_gemm import DA_BLOCK_M, descriptor, dx_gemm, fwd_gemm, tma_ok
+
+__all__ = ["forward", "backward", "not_supported_reasons", "saved_s_columns", "KERNELS"]
 
 MAX_RANK = 256
-_INTERP = tl.constexpr(INTERPRETER)
-_TORCH_TO_TL = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Base dtypes whose GEMMs run inside the fused Triton kernels; the others go to cuBLAS.
+TRITON_BASE_DTYPES = (torch.float16, torch.bfloat16)
+# Largest rank whose dA is computed inside the dX GEMM (see _backward).
+FUSE_DA_MAX_RANK = 32
+# Every kernel of this backend by name (the sm_90 profile enumerates these and _configs).
+KERNELS = {"shrink": _shrink, "fwd": fwd_gemm, "ds_db": _ds_db, "dx": dx_gemm, "da": _da}
+_F32 = torch.float32
 
 
-def _configs(kernel: str) -> list[triton.Config]:
-    """Autotune configurations of every kernel of this file (one small one in the interpreter,
-    where each program is a Python loop iteration and autotuning would only cost time)."""
+_TABLES = {"shrink": lora_forward.CONFIGS, "fwd": lora_gemm.CONFIGS, "dx": lora_gemm.CONFIGS,
+           "ds_db": lora_backward.DS_DB_CONFIGS, "da": lora_backward.DA_CONFIGS}
+
+
+def _configs(kernel: str, **launch) -> list[triton.Config]:
+    """The autotune configurations of a kernel of :data:`KERNELS`: all of them, or the ones a
+    launch with these constexprs may pick (each compiles for sm_90 without spills)."""
+    return _TABLES[kernel].of(**launch) if launch else _TABLES[kernel].all()
+
+
+def _block_r(r: int, pieces: int) -> int:
+    """Ranks per program: one chunk up to 64, chunks of 64 above; chunks of 16 when the
+    activation (x or dY) is split into several pieces (registers)."""
+    return 16 if pieces > 1 else min(64, max(16, triton.next_power_of_2(r)))
+
+
+def _ds_db_block_m(T: int, pieces: int) -> int:
+    """Rows per dS/dB program (fixed by the launcher, so the partials depend on the shape only):
+    more rows mean fewer dB partials, fewer mean more programs (and fewer registers)."""
     if INTERPRETER:
-        one = {
-            "shrink": {"BLOCK_M": 32, "BLOCK_K": 32},
-            "fwd": {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4},
-            "ds_db": {"BLOCK_M": 32, "BLOCK_N": 32},
-            "dx": {"BLOCK_M": 32, "BLOCK_N": 32, "BLOCK_K": 32, "GROUP_M": 4},
-            "da": {"BLOCK_M": 32, "BLOCK_N": 32},
-        }[kernel]
-        return [triton.Config(one, num_warps=4, num_stages=1)]
-    if kernel == "shrink":
-        return [
-            triton.Config({"BLOCK_M": bm, "BLOCK_K": bk}, num_warps=w, num_stages=st)
-            for bm, bk, w, st in [(64, 64, 4, 3), (128, 64, 4, 3), (64, 128, 4, 3), (32, 128, 4, 4),
-                                  (128, 32, 8, 3), (32, 32, 4, 2)]
-        ]
-    if kernel in ("fwd", "dx"):
-        return [
-            triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk, "GROUP_M": 8},
-                          num_warps=w, num_stages=st)
-            for bm, bn, bk, w, st in [
-                (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3),
-                (64, 128, 64, 4, 4), (128, 64, 64, 4, 4), (64, 64, 64, 4, 4),
-                (128, 128, 32, 4, 4), (64, 256, 32, 8, 4),
-            ]
-        ]
-    if kernel == "ds_db":
-        return [
-            triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
-            for bm, bn, w, st in [(64, 64, 4, 3), (128, 64, 8, 3), (32, 128, 4, 3), (64, 128, 4, 3),
-                                  (32, 64, 4, 4), (32, 32, 4, 2), (16, 32, 4, 2)]
-        ]
-    if kernel == "da":
-        return [
-            triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
-            for bm, bn, w, st in [(64, 64, 4, 3), (128, 64, 4, 3), (64, 128, 8, 3), (32, 64, 4, 4),
-                                  (128, 32, 4, 3), (32, 32, 4, 2)]
-        ]
-    raise KeyError(kernel)
+        return 16
+    return 128 if T >= 4096 and pieces == 1 else 64
 
 
-@triton.jit
-def _mma(a, b, acc, CT: tl.constexpr):
-    """acc + a @ b with both operands cast to the compute type CT (0: float32, dotted in ieee
-    precision; 1: float16; 2: bfloat16)."""
-    if CT == 0:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    elif CT == 1:
-        return tl.dot(a.to(tl.float16), b.to(tl.float16), acc)
-    else:
-        return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), acc)
-
-
-@triton.jit
-def _to_out(acc, OUT_TY: tl.constexpr):
-    """Round the fp32 accumulator to the output type, to nearest even. (The interpreter's
-    float32 -> bfloat16 cast truncates; there the rounding bias is added to the bits first.)"""
-    if OUT_TY == tl.float32:
-        return acc
-    else:
-        if _INTERP:
-            if OUT_TY == tl.bfloat16:
-                bits = acc.to(tl.uint32, bitcast=True)
-                bits = bits + 0x7FFF + ((bits >> 16) & 1)
-                acc = bits.to(tl.float32, bitcast=True)
-        return acc.to(OUT_TY)
-
-
-@triton.jit
-def _keep(seed, p, rows, cols, IN):
-    """Philox keep-mask of x elements (rows (M, 1), cols (1, N), int64): u >= p."""
-    return tl.rand(seed, rows * IN + cols) >= p
-
-
-@triton.jit
-def _grouped_pid(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
-    """Program id -> (row block, column block), rows grouped for L2 reuse."""
-    pid = tl.program_id(0)
-    grid_m = tl.cdiv(M, BLOCK_M)
-    grid_n = tl.cdiv(N, BLOCK_N)
-    width = GROUP_M * grid_n
-    group = pid // width
-    first_m = group * GROUP_M
-    size_m = tl.minimum(grid_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % width) % size_m
-    pid_n = (pid % width) // size_m
-    return pid_m, pid_n
-
-
-@triton.autotune(configs=_configs("shrink"), key=["T_KEY", "IN", "R"])
-@triton.jit
-def _shrink(
-    x_ptr, a_ptr, s_ptr,
-    seed, p, inv_keep,
-    T, IN, R, T_KEY,
-    stride_xm, stride_xk, stride_ar, stride_ak, stride_sm, stride_sr,
-    HAS_DROPOUT: tl.constexpr, CT: tl.constexpr, BLOCK_R: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-):
-    """S[m, :] = dropout(x[m, :]) A^T for a block of rows; all r columns in one tile."""
-    rm = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    rr = tl.arange(0, BLOCK_R).to(tl.int64)
-    rk = tl.arange(0, BLOCK_K).to(tl.int64)
-    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for k0 in range(0, IN, BLOCK_K):
-        kk = k0 + rk
-        x_mask = (rm[:, None] < T) & (kk[None, :] < IN)
-        xt = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :] * stride_xk, mask=x_mask, other=0.0)
-        if HAS_DROPOUT:
-            xt = tl.where(_keep(seed, p, rm[:, None], kk[None, :], IN), xt, 0.0)
-        at = tl.load(a_ptr + rr[None, :] * stride_ar + kk[:, None] * stride_ak,
-                     mask=(rr[None, :] < R) & (kk[:, None] < IN), other=0.0)
-        acc = _mma(xt, at, acc, CT)
-    if HAS_DROPOUT:
-        acc = acc * inv_keep
-    tl.store(s_ptr + rm[:, None] * stride_sm + rr[None, :] * stride_sr, acc,
-             mask=(rm[:, None] < T) & (rr[None, :] < R))
-
-
-@triton.autotune(configs=_configs("fwd"), key=["T_KEY", "IN", "OUT", "R"])
-@triton.jit
-def _fwd_gemm(
-    x_ptr, w_ptr, bias_ptr, s_ptr, b_ptr, y_ptr,
-    scaling,
-    T, IN, OUT, R, T_KEY,
-    stride_xm, stride_xk, stride_wn, stride_wk, stride_sm, stride_sr,
-    stride_bn, stride_br, stride_ym, stride_yn, stride_bias,
-    HAS_BIAS: tl.constexpr, CT_BASE: tl.constexpr, CT_LORA: tl.constexpr, BLOCK_R: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-):
-    """Y = scaling * S B^T + x W^T + bias: the LoRA term seeds the fp32 accumulator."""
-    pid_m, pid_n = _grouped_pid(T, OUT, BLOCK_M, BLOCK_N, GROUP_M)
-    rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-    rk = tl.arange(0, BLOCK_K).to(tl.int64)
-    rr = tl.arange(0, BLOCK_R).to(tl.int64)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for r0 in range(0, R, BLOCK_R):
-        kr = r0 + rr
-        st = tl.load(s_ptr + rm[:, None] * stride_sm + kr[None, :] * stride_sr,
-                     mask=(rm[:, None] < T) & (kr[None, :] < R), other=0.0)
-        bt = tl.load(b_ptr + rn[None, :] * stride_bn + kr[:, None] * stride_br,
-                     mask=(rn[None, :] < OUT) & (kr[:, None] < R), other=0.0)
-        acc = _mma(st, bt, acc, CT_LORA)
-    acc = acc * scaling
-    for k0 in range(0, IN, BLOCK_K):
-        kk = k0 + rk
-        xt = tl.load(x_ptr + rm[:, None] * stride_xm + kk[None, :] * stride_xk,
-                     mask=(rm[:, None] < T) & (kk[None, :] < IN), other=0.0)
-        wt = tl.load(w_ptr + rn[None, :] * stride_wn + kk[:, None] * stride_wk,
-                     mask=(rn[None, :] < OUT) & (kk[:, None] < IN), other=0.0)
-        acc = _mma(xt, wt, acc, CT_BASE)
-    if HAS_BIAS:
-        acc += tl.load(bias_ptr + rn * stride_bias, mask=rn < OUT, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :] * stride_yn,
-             _to_out(acc, y_ptr.dtype.element_ty), mask=(rm[:, None] < T) & (rn[None, :] < OUT))
-
-
-@triton.autotune(configs=_configs("ds_db"), key=["T_KEY", "OUT", "R"], reset_to_zero=["db_ptr"])
-@triton.jit
-def _ds_db(
-    dy_ptr, b_ptr, s_ptr, ds_ptr, db_ptr,
-    scaling,
-    T, OUT, R, T_KEY,
-    stride_dym, stride_dyn, stride_bn, stride_br, stride_sm, stride_sr,
-    stride_dsm, stride_dsr, stride_dbn, stride_dbr,
-    NEED_DS: tl.constexpr, NEED_DB: tl.constexpr, CT: tl.constexpr, BLOCK_R: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    """One pass over a row block of dY: dS = scaling dY B (complete here) and this block's
-    share of dB = scaling dY^T S (added into the fp32 dB with atomics)."""
-    rm = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    rn = tl.arange(0, BLOCK_N).to(tl.int64)
-    rr = tl.arange(0, BLOCK_R).to(tl.int64)
-    ds = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    if NEED_DB:
-        st = tl.load(s_ptr + rm[:, None] * stride_sm + rr[None, :] * stride_sr,
-                     mask=(rm[:, None] < T) & (rr[None, :] < R), other=0.0)
-    for n0 in range(0, OUT, BLOCK_N):
-        nn = n0 + rn
-        dyt = tl.load(dy_ptr + rm[:, None] * stride_dym + nn[None, :] * stride_dyn,
-                      mask=(rm[:, None] < T) & (nn[None, :] < OUT), other=0.0)
-        if NEED_DS:
-            bt = tl.load(b_ptr + nn[:, None] * stride_bn + rr[None, :] * stride_br,
-                         mask=(nn[:, None] < OUT) & (rr[None, :] < R), other=0.0)
-            ds = _mma(dyt, bt, ds, CT)
-        if NEED_DB:
-            part = _mma(tl.trans(dyt), st, tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32), CT)
-            tl.atomic_add(db_ptr + nn[:, None] * stride_dbn + rr[None, :] * stride_dbr,
-                          part * scaling, mask=(nn[:, None] < OUT) & (rr[None, :] < R))
-    if NEED_DS:
-        tl.store(ds_ptr + rm[:, None] * stride_dsm + rr[None, :] * stride_dsr, ds * scaling,
-                 mask=(rm[:, None] < T) & (rr[None, :] < R))
-
-
-@triton.autotune(configs=_configs("dx"), key=["T_KEY", "IN", "OUT", "R"])
-@triton.jit
-def _dx(
-    dy_ptr, w_ptr, ds_ptr, a_ptr, dx_ptr,
-    seed, p, inv_keep,
-    T, IN, OUT, R, T_KEY,
-    stride_dym, stride_dyn, stride_wn, stride_wk, stride_dsm, stride_dsr,
-    stride_ar, stride_ak, stride_dxm, stride_dxk,
-    HAS_DROPOUT: tl.constexpr, CT_BASE: tl.constexpr, CT_LORA: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-):
-    """dX = dY W + mask * (dS A) / (1-p): the masked LoRA term seeds the accumulator."""
-    pid_m, pid_n = _grouped_pid(T, IN, BLOCK_M, BLOCK_N, GROUP_M)
-    rm = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
-    rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)  # columns of x (in)
-    rk = tl.arange(0, BLOCK_K).to(tl.int64)  # reduction over out
-    rr = tl.arange(0, BLOCK_R).to(tl.int64)
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for r0 in range(0, R, BLOCK_R):
-        kr = r0 + rr
-        dst = tl.load(ds_ptr + rm[:, None] * stride_dsm + kr[None, :] * stride_dsr,
-                      mask=(rm[:, None] < T) & (kr[None, :] < R), other=0.0)
-        at = tl.load(a_ptr + kr[:, None] * stride_ar + rn[None, :] * stride_ak,
-                     mask=(kr[:, None] < R) & (rn[None, :] < IN), other=0.0)
-        acc = _mma(dst, at, acc, CT_LORA)
-    if HAS_DROPOUT:
-        acc = tl.where(_keep(seed, p, rm[:, None], rn[None, :], IN), acc * inv_keep, 0.0)
-    for k0 in range(0, OUT, BLOCK_K):
-        kk = k0 + rk
-        dyt = tl.load(dy_ptr + rm[:, None] * stride_dym + kk[None, :] * stride_dyn,
-                      mask=(rm[:, None] < T) & (kk[None, :] < OUT), other=0.0)
-        wt = tl.load(w_ptr + kk[:, None] * stride_wn + rn[None, :] * stride_wk,
-                     mask=(kk[:, None] < OUT) & (rn[None, :] < IN), other=0.0)
-        acc = _mma(dyt, wt, acc, CT_BASE)
-    tl.store(dx_ptr + rm[:, None] * stride_dxm + rn[None, :] * stride_dxk,
-             _to_out(acc, dx_ptr.dtype.element_ty), mask=(rm[:, None] < T) & (rn[None, :] < IN))
-
-
-@triton.autotune(configs=_configs("da"), key=["T_KEY", "IN", "R"])
-@triton.jit
-def _da(
-    ds_ptr, x_ptr, da_ptr,
-    seed, p, inv_keep,
-    T, IN, R, T_KEY,
-    stride_dsm, stride_dsr, stride_xm, stride_xk, stride_dar, stride_dak,
-    HAS_DROPOUT: tl.constexpr, CT: tl.constexpr, BLOCK_R: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-):
-    """dA[:, cols] = dS^T dropout(x[:, cols]), looping over all rows."""
-    rn = (tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
-    rm = tl.arange(0, BLOCK_M).to(tl.int64)
-    rr = tl.arange(0, BLOCK_R).to(tl.int64)
-    acc = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
-    for m0 in range(0, T, BLOCK_M):
-        mm = m0 + rm
-        dst = tl.load(ds_ptr + rr[:, None] * stride_dsr + mm[None, :] * stride_dsm,
-                      mask=(rr[:, None] < R) & (mm[None, :] < T), other=0.0)
-        xt = tl.load(x_ptr + mm[:, None] * stride_xm + rn[None, :] * stride_xk,
-                     mask=(mm[:, None] < T) & (rn[None, :] < IN), other=0.0)
-        if HAS_DROPOUT:
-            xt = tl.where(_keep(seed, p, mm[:, None], rn[None, :], IN), xt, 0.0)
-        acc = _mma(dst, xt, acc, CT)
-    if HAS_DROPOUT:
-        acc = acc * inv_keep
-    tl.store(da_ptr + rr[:, None] * stride_dar + rn[None, :] * stride_dak,
-             _to_out(acc, da_ptr.dtype.element_ty), mask=(rr[:, None] < R) & (rn[None, :] < IN))
-
-
-# ----------------------------------------------------------------------------- launchers
-
-
-def _ct(dtype: torch.dtype) -> int:
-    """Compute-type code (see ``_mma``) of a dot whose operands are in ``dtype``."""
-    if INTERPRETER and dtype == torch.bfloat16:
-        return 0  # the interpreter's bf16 dot is wrong (see _common.py): dot in float32
-    return {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}[dtype]
-
-
-def _t_key(T: int) -> int:
-    """Autotuning key of the row count: its power-of-two bucket (up to 16384), so that varying
-    batch and sequence lengths do not re-tune the kernels at every new length."""
-    return min(triton.next_power_of_2(max(T, 1)), 16384)
-
-
-def _block_r(r: int) -> int:
-    return max(16, triton.next_power_of_2(r))
-
-
-def _dropout_args(dropout_p: float, seed: int):
-    p = float(dropout_p)
-    return int(seed) & 0x7FFFFFFFFFFFFFFF, p, (1.0 / (1.0 - p)) if p > 0 else 1.0
-
-
-def _on_device(t: torch.Tensor):
-    """Launch on ``t``'s GPU (Triton launches on the current device)."""
-    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+def _plan(names, plan):
+    return dict(zip(names, plan))
 
 
 def forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
     """x (T, in); weight (out, in); bias (out,) or None; lora_A (r, in); lora_B (out, r)
-    -> (y (T, out) in x's dtype, s (T, r) float32). See the module docstring."""
-    with _on_device(x):
+    -> (y (T, out) in x's dtype, s (T, saved_s_columns(in, r, p)) float32: S, then the mask)."""
+    with device_guard(x):
         return _forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed)
 
 
 def _forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
     T, IN = x.shape
     OUT, R = weight.shape[0], lora_A.shape[0]
-    s = torch.empty(T, R, device=x.device, dtype=torch.float32)
+    p, adt = float(dropout_p), lora_A.dtype
+    s = torch.empty(T, saved_s_columns(IN, R, p), device=x.device, dtype=_F32)
     y = torch.empty(T, OUT, device=x.device, dtype=x.dtype)
     if T == 0:
         return y, s
-    seed, p, inv_keep = _dropout_args(dropout_p, seed)
-    block_r = _block_r(R)
-    _shrink[lambda m: (triton.cdiv(T, m["BLOCK_M"]),)](
-        x, lora_A, s, seed, p, inv_keep, T, IN, R, _t_key(T),
-        x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1), s.stride(0), s.stride(1),
-        HAS_DROPOUT=p > 0, CT=_ct(lora_A.dtype), BLOCK_R=block_r,
+    seed_lo, seed_hi = seed_words(seed)
+    t_key = pow2_bucket(T)
+    mask = s[:, mask_columns(IN, R)[0]:].view(torch.uint8) if p > 0 else s
+    plan = dot_plan(x.dtype, adt, _F32, adt)
+    block_r = _block_r(R, plan[0])
+    n_chunks = triton.cdiv(R, block_r)
+    _shrink[lambda m: (triton.cdiv(T, m["BLOCK_M"]) * n_chunks,)](
+        x, lora_A, s, mask, seed_lo, seed_hi, threshold(p), 1.0 / (1.0 - p),
+        T, IN, R, t_key,
+        x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1), s.stride(0), mask.stride(0),
+        HAS_DROPOUT=p > 0, BLOCK_R=block_r, **_plan(("NX", "NA", "ORDER", "LT"), plan),
     )
     if OUT == 0:
         return y, s
-    _fwd_gemm[lambda m: (triton.cdiv(T, m["BLOCK_M"]) * triton.cdiv(OUT, m["BLOCK_N"]),)](
-        x, weight, bias if bias is not None else y, s, lora_B, y, float(scaling), T, IN, OUT, R, _t_key(T),
-        x.stride(0), x.stride(1), weight.stride(0), weight.stride(1), s.stride(0), s.stride(1),
-        lora_B.stride(0), lora_B.stride(1), y.stride(0), y.stride(1),
-        bias.stride(0) if bias is not None else 0,
-        HAS_BIAS=bias is not None, CT_BASE=_ct(x.dtype), CT_LORA=_ct(lora_B.dtype),
-        BLOCK_R=min(block_r, 64),
-    )
+    fused = x.dtype in TRITON_BASE_DTYPES
+    _gemm(fwd_gemm, x, weight.t(), s, lora_B.t(), None, bias, y, float(scaling), R, t_key, fused,
+          dot_plan(_F32, adt, x.dtype, adt))
+    if not fused:
+        y.addmm_(x, weight.t())
     return y, s
 
 
 def backward(dy, x, weight, lora_A, lora_B, s, scaling, dropout_p, seed, needs):
     """Gradients ``(dx, dweight, dbias, dA, dB)`` for ``needs`` (x, weight, bias, lora_A,
     lora_B), None where not needed; dweight (out, in) in the layout ``weight`` was passed."""
-    with _on_device(x):
+    with device_guard(x):
         return _backward(dy, x, weight, lora_A, lora_B, s, scaling, dropout_p, seed, needs)
 
 
 def _backward(dy, x, weight, lora_A, lora_B, s, scaling, dropout_p, seed, needs):
     need_x, need_w, need_b, need_a, need_bb = (bool(n) for n in needs)
-    T, IN = x.shape
-    OUT, R = weight.shape[0], lora_A.shape[0]
-    dev, adt = x.device, lora_A.dtype
-    seed, p, inv_keep = _dropout_args(dropout_p, seed)
-    block_r = _block_r(R)
-    ct_lora = _ct(adt)
-    need_ds = need_x or need_a
-    ds = torch.empty(T, R, device=dev, dtype=torch.float32) if need_ds else s
-    db32 = torch.zeros(OUT, R, device=dev, dtype=torch.float32) if need_bb else None
-    if (need_ds or need_bb) and T > 0 and OUT > 0:
-        _ds_db[lambda m: (triton.cdiv(T, m["BLOCK_M"]),)](
-            dy, lora_B, s, ds, db32 if db32 is not None else ds, float(scaling), T, OUT, R, _t_key(T),
-            dy.stride(0), dy.stride(1), lora_B.stride(0), lora_B.stride(1), s.stride(0), s.stride(1),
-            ds.stride(0), ds.stride(1),
-            db32.stride(0) if db32 is not None else 0, db32.stride(1) if db32 is not None else 0,
-            NEED_DS=need_ds, NEED_DB=need_bb, CT=ct_lora, BLOCK_R=block_r,
-        )
-    elif need_ds:
-        ds.zero_()
-    dx = dA = None
-    if need_x:
-        dx = torch.empty(T, IN, device=dev, dtype=x.dtype)
-        if T > 0 and IN > 0:
-            _dx[lambda m: (triton.cdiv(T, m["BLOCK_M"]) * triton.cdiv(IN, m["BLOCK_N"]),)](
-                dy, weight, ds, lora_A, dx, seed, p, inv_keep, T, IN, OUT, R, _t_key(T),
-                dy.stride(0), dy.stride(1), weight.stride(0), weight.stride(1),
-                ds.stride(0), ds.stride(1), lora_A.stride(0), lora_A.stride(1),
-                dx.stride(0), dx.stride(1),
-                HAS_DROPOUT=p > 0, CT_BASE=_ct(x.dtype), CT_LORA=ct_lora, BLOCK_R=min(block_r, 64),
-            )
-    if need_a:
-        dA = torch.empty(R, IN, device=dev, dtype=adt)
-        if IN > 0:
-            _da[lambda m: (triton.cdiv(IN, m["BLOCK_N"]),)](
-                ds, x, dA, seed, p, inv_keep, T, IN, R, _t_key(T),
-                ds.stride(0), ds.stride(1), x.stride(0), x.stride(1), dA.stride(0), dA.stride(1),
-                HAS_DROPOUT=p > 0, CT=ct_lora, BLOCK_R=block_r,
-            )
-    dB = db32.to(lora_B.dtype) if need_bb else None
+    (T, IN), R = x.shape, lora_A.shape[0]
+    dev, adt, p = x.device, lora_A.dtype, float(dropout_p)
     dw = torch.mm(dy.t(), x) if need_w else None
     db = dy.sum(0) if need_b else None
+    if T == 0:
+        dx = torch.empty(0, IN, device=dev, dtype=x.dtype) if need_x else None
+        dA = torch.zeros_like(lora_A) if need_a else None
+        dB = torch.zeros_like(lora_B) if need_bb else None
+        return dx, dw, db, dA, dB
+    t_key = pow2_bucket(T)
+    mask = s[:, mask_columns(IN, R)[0]:] if p > 0 else s
+    ds, dB = _grad_s_and_b(dy, lora_B, s, scaling, need_x or need_a, need_bb, t_key)
+    dx = dA = None
+    # dA inside the dX GEMM (its (T / DA_BLOCK_M, r, in) partials cost less than a pass over x
+    # up to r = 32), else its own pass over x (also when a half x is split in pieces beside
+    # the base mainloop: registers).
+    fused = x.dtype in TRITON_BASE_DTYPES
+    da_plan = dot_plan(x.dtype, _F32, adt, adt)
+    fuse_da = (need_x and need_a and R <= FUSE_DA_MAX_RANK and IN > 0
+               and (da_plan[0] == 1 or not fused))
+    if need_x:
+        dx = torch.empty(T, IN, device=dev, dtype=x.dtype)
+        part = None
+        if fuse_da:
+            part = torch.empty(triton.cdiv(T, DA_BLOCK_M), R, IN, device=dev, dtype=_F32)
+        if IN > 0:
+            _gemm(dx_gemm, dy, weight, ds, lora_A, mask if p > 0 else None, None, dx,
+                  1.0 / (1.0 - p), R, t_key, fused, dot_plan(_F32, adt, x.dtype, adt),
+                  x=x if fuse_da else None, da=part, da_plan=da_plan)
+            if not fused:
+                dx.addmm_(dy, weight)
+        if fuse_da:
+            dA = (part[0] if part.shape[0] == 1 else part.sum(0)).to(adt)
+    if need_a and not fuse_da:
+        dA = _grad_a(ds, x, mask, p, adt, t_key)
     return dx, dw, db, dA, dB
+
+
+def _grad_s_and_b(dy, lora_B, s, scaling, need_ds, need_db, t_key):
+    """dS (T, r) fp32 (None if not needed) and dB (out, r) in the adapter dtype (or None), from
+    one launch of ``_ds_db``."""
+    T, OUT = dy.shape
+    R, dev, adt = lora_B.shape[1], dy.device, lora_B.dtype
+    if not (need_ds or need_db):
+        return None, None
+    plan = dot_plan(dy.dtype, adt, _F32, adt)
+    block_r, block_m = _block_r(R, plan[0]), _ds_db_block_m(T, plan[0])
+    n_chunks, row_blocks = triton.cdiv(R, block_r), triton.cdiv(T, block_m)
+    # Column groups (multiples of COL_QUANTUM columns): enough programs for two waves, no more
+    # (each group adds a (T, r) dS partial).
+    n_groups = min(triton.cdiv(2 * num_sms(dev), row_blocks * n_chunks),
+                   triton.cdiv(OUT, COL_QUANTUM))
+    group_cols = triton.cdiv(triton.cdiv(OUT, max(n_groups, 1)), COL_QUANTUM) * COL_QUANTUM
+    n_groups = max(1, triton.cdiv(OUT, max(group_cols, 1)))
+    ds_part = torch.empty(n_groups if need_ds else 0, T, R, device=dev, dtype=_F32)
+    db_part = torch.empty(row_blocks if need_db else 0, OUT, R, device=dev, dtype=_F32)
+    _ds_db[(row_blocks * n_groups * n_chunks,)](
+        dy, lora_B, s, ds_part, db_part, float(scaling), T, OUT, R, t_key, group_cols, n_groups,
+        dy.stride(0), dy.stride(1), lora_B.stride(0), lora_B.stride(1), s.stride(0),
+        NEED_DS=need_ds, NEED_DB=need_db, BLOCK_R=block_r, BLOCK_M=block_m,
+        NS=dot_plan(dy.dtype, _F32, _F32, adt)[1], **_plan(("NY", "NB", "ORDER", "LT"), plan),
+    )
+    ds = (ds_part[0] if n_groups == 1 else ds_part.sum(0)) if need_ds else None
+    dB = (db_part[0] if row_blocks == 1 else db_part.sum(0)).to(adt) if need_db else None
+    return ds, dB
+
+
+def _grad_a(ds, x, mask, p, adt, t_key):
+    """dA (r, in) in the adapter dtype from one launch of ``_da``: row chunks (multiples of
+    ROW_QUANTUM rows) so that column blocks times chunks fill the GPU twice over, their
+    (n_split, r, in) fp32 partials summed in a fixed order."""
+    (T, IN), R = x.shape, ds.shape[1]
+    plan = dot_plan(x.dtype, _F32, adt, adt)
+    block_r = _block_r(R, plan[0])
+    n_chunks, n_cols = triton.cdiv(R, block_r), triton.cdiv(IN, 64)
+    n_split = min(triton.cdiv(2 * num_sms(x.device), n_cols * n_chunks),
+                  triton.cdiv(T, ROW_QUANTUM))
+    split_rows = triton.cdiv(triton.cdiv(T, n_split), ROW_QUANTUM) * ROW_QUANTUM
+    n_split = triton.cdiv(T, split_rows)
+    part = torch.empty(n_split, R, IN, device=x.device, dtype=_F32)
+    if IN > 0:
+        _da[lambda m: (triton.cdiv(IN, m["BLOCK_N"]) * n_split * n_chunks,)](
+            ds, x, mask, part, 1.0 / (1.0 - p), T, IN, R, t_key, split_rows, n_split,
+            x.stride(0), x.stride(1), mask.stride(0),
+            HAS_DROPOUT=p > 0, BLOCK_R=block_r, **_plan(("NX", "NS", "ORDER", "LT"), plan),
+        )
+    return (part[0] if n_split == 1 else part.sum(0)).to(adt)
+
+
+def _gemm(kernel, a, bmat, p, q, mask, bias, c, factor, R, t_key, has_base, plan, x=None, da=None,
+          da_plan=(1, 1, 1, 1)):
+    """c = bias + keep * factor * (p[:, :R] q) (+ a bmat with ``has_base``): a (M, K),
+    bmat (K, N), p (M, >= R) fp32 with unit column stride, q (R, N); see :mod:`.lora_gemm`.
+    With ``x`` (M, N) and ``da`` (M / DA_BLOCK_M, R, N) fp32, also dA's partials.
+    TMA descriptors when a's rows and bmat are 16-byte aligned with a unit stride."""
+    M, N = c.shape
+    K = a.shape[1]
+    use_tma = has_base and a.stride(1) == 1 and tma_ok(a) and tma_ok(bmat)
+    b_kmajor = bmat.stride(0) == 1 and bmat.stride(1) != 1
+    if use_tma:
+        a_arg, b_arg = descriptor(a, False), descriptor(bmat, b_kmajor)
+    else:
+        a_arg, b_arg = a, bmat
+    sms = num_sms(c.device)
+    fuse_da = da is not None
+    kernel[lambda m: (min(triton.cdiv(M, m["BLOCK_M"]) * triton.cdiv(N, m["BLOCK_N"]), sms),)](
+        a_arg, b_arg, p, q, mask if mask is not None else p, bias if bias is not None else c, c,
+        x if fuse_da else c, da if fuse_da else c,
+        factor, M, N, K, R, t_key,
+        a.stride(0), a.stride(1), bmat.stride(0), bmat.stride(1), p.stride(0),
+        q.stride(0), q.stride(1), mask.stride(0) if mask is not None else 0,
+        c.stride(0), c.stride(1), bias.stride(0) if bias is not None else 0,
+        x.stride(0) if fuse_da else 0, x.stride(1) if fuse_da else 0,
+        USE_TMA=use_tma, B_KMAJOR=b_kmajor, HAS_BASE=has_base, HAS_MASK=mask is not None,
+        HAS_BIAS=bias is not None, FUSE_DA=fuse_da, BLOCK_R=16,
+        **_plan(("NP", "NQ", "ORDER", "LT"), plan), **_plan(("NX", "NS", "ORDER_DA"), da_plan),
+    )
+
+
+CAPABILITIES = Capabilities(devices=("cuda", "cpu"), max_rank=MAX_RANK, dtypes=SUPPORTED_DTYPES)
 
 
 def not_supported_reasons(x, weight, bias, lora_A, lora_B, dropout_p, training) -> list[str]:
     """Why the Triton kernels cannot serve these inputs (empty list: they can)."""
-    reasons = []
-    for name, t in (("x", x), ("lora_A", lora_A), ("lora_B", lora_B)):
-        if t.dtype not in _TORCH_TO_TL:
-            reasons.append(f"{name} dtype {str(t.dtype).replace('torch.', '')} (Triton serves "
-                           "float32, float16, bfloat16)")
-    r = lora_A.shape[0]
-    if r > MAX_RANK:
-        reasons.append(f"rank {r} > {MAX_RANK}")
+    reasons = CAPABILITIES.reasons({"x": x, "lora_A": lora_A, "lora_B": lora_B},
+                                   rank=lora_A.shape[0])
     if lora_A.dtype != lora_B.dtype:
         reasons.append("lora_A and lora_B in different dtypes")
     return reasons

@@ -11,12 +11,14 @@ TASK_TYPES = ("CAUSAL_LM", "SEQ_CLS", "SEQ_2_SEQ_LM", "TOKEN_CLS", "QUESTION_ANS
 PROMPT_INITS = ("RANDOM", "TEXT", "SAMPLE_VOCAB")
 # Fields that exist here but not in PEFT's config of the same method: kept out of
 # adapter_config.json (written to lora_kernels_config.json beside it instead).
-_NOT_IN_PEFT = {"tokenizer", "prompt_template", "verbalizer", "frozen_modules", "gradient_checkpointing"}
+_NOT_IN_PEFT = {"tokenizer", "prompt_template", "verbalizer", "frozen_modules", "gradient_checkpointing",
+                "train_pooler"}
 
 
 @dataclass(kw_only=True)
 class TuningConfig:
-    """Fields common to every method (as PEFT's ``PeftConfig``)."""
+    """Fields common to every method (as PEFT's ``PeftConfig``). ``task_type`` None: inferred
+    from the model class by ``tune`` (see ``integrations.model_families.infer_task_type``)."""
 
     peft_type: ClassVar[str] = ""
     task_type: str | None = None
@@ -78,11 +80,13 @@ class _PromptLearningConfig(TuningConfig):
     num_attention_heads: int | None = None
     num_layers: int | None = None
     modules_to_save: list[str] | None = None
+    train_pooler: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if not isinstance(self.num_virtual_tokens, int) or self.num_virtual_tokens < 1:
             raise ValueError(f"num_virtual_tokens: expected a positive int, got {self.num_virtual_tokens!r}")
+        _check_bool("train_pooler", self.train_pooler)
 
 
 @dataclass(kw_only=True)
@@ -92,7 +96,13 @@ class PromptTuningConfig(_PromptLearningConfig):
     tokenised by ``tokenizer`` or ``tokenizer_name_or_path``, repeated to length) or
     "SAMPLE_VOCAB" (embeddings of random vocabulary tokens). ``prompt_template`` (with an
     ``{input}`` slot, e.g. ``"Review: {input}\\nSentiment:"``) and ``verbalizer`` (label ->
-    word) serve classification with a language-model head."""
+    word) serve classification with a language-model head.
+
+    ``modules_to_save``: modules trained in full and saved with the adapter. With
+    ``task_type="SEQ_CLS"`` the task head is added to them: the classifier (``classifier`` or
+    ``score``) and, where the model has one feeding it, the pooler (BERT's ``pooler``,
+    DistilBERT's ``pre_classifier``, ...); ``train_pooler=False`` leaves the pooler frozen, as
+    PEFT does."""
 
     peft_type: ClassVar[str] = "PROMPT_TUNING"
     prompt_tuning_init: str = "RANDOM"
@@ -126,7 +136,7 @@ class PromptTuningConfig(_PromptLearningConfig):
 class PrefixTuningConfig(_PromptLearningConfig):
     """Prefix tuning (Li and Liang): ``num_virtual_tokens`` learned keys and values per layer,
     optionally through the reparameterisation MLP (``prefix_projection``, hidden width
-    ``encoder_hidden_size``)."""
+    ``encoder_hidden_size``). ``modules_to_save`` and ``train_pooler`` as for prompt tuning."""
 
     peft_type: ClassVar[str] = "PREFIX_TUNING"
     encoder_hidden_size: int | None = None
@@ -137,9 +147,11 @@ class PrefixTuningConfig(_PromptLearningConfig):
 class LoraConfig(TuningConfig):
     """LoRA (Hu et al.): ``W x + (lora_alpha / r) B A dropout(x)`` on ``target_modules``
     (names matched as the full name or a ``.``-suffix, a regex string matched in full, or
-    "all-linear": every Linear/Conv1D but the output head). ``bias``: "none", "all" or
-    "lora_only" biases trainable. ``use_rslora``: scale ``lora_alpha / sqrt(r)``.
-    ``init_lora_weights``: True (Kaiming A, zero B), "gaussian", or False."""
+    "all-linear": every Linear/Conv1D but the output head, the task head and the classifier's
+    pooler). ``bias``: "none", "all" or "lora_only" biases trainable. ``use_rslora``: scale
+    ``lora_alpha / sqrt(r)``. ``init_lora_weights``: True (Kaiming A, zero B), "gaussian", or
+    False. ``modules_to_save`` and ``train_pooler`` as for prompt tuning: with
+    ``task_type="SEQ_CLS"`` the classifier and its pooler train in full by default."""
 
     peft_type: ClassVar[str] = "LORA"
     r: int = 8
@@ -151,6 +163,7 @@ class LoraConfig(TuningConfig):
     bias: str = "none"
     use_rslora: bool = False
     modules_to_save: list[str] | None = None
+    train_pooler: bool = True
     init_lora_weights: bool | str = True
     layers_to_transform: list[int] | int | None = None
     layers_pattern: list[str] | str | None = None
@@ -169,3 +182,9 @@ class LoraConfig(TuningConfig):
             self.target_modules = sorted(self.target_modules)
         if isinstance(self.layers_to_transform, int):
             self.layers_to_transform = [self.layers_to_transform]
+        _check_bool("train_pooler", self.train_pooler)
+
+
+def _check_bool(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name}: expected True or False, got {value!r}")
