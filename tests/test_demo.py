@@ -82,7 +82,8 @@ def test_recipe_trains_pooler_and_lora_on_encoder_only(tmp_path):
 
     model_dir = save_tiny_bert(tmp_path / "bert", num_labels=3)
     cfg = recipe_config("lora", r=4)
-    assert cfg.lora_alpha == 8 and cfg.modules_to_save == ["pooler"]
+    # the pooler and the encoder-only targets come from the tuning layer's SEQ_CLS defaults
+    assert cfg.lora_alpha == 8 and cfg.modules_to_save == [] and cfg.target_modules == "all-linear"
     for method in ("lora", "prefix", "prompt"):
         cfg = recipe_config(method, **({"r": 4} if method == "lora" else {}))
         tuned = apply_method(AutoModelForSequenceClassification.from_pretrained(model_dir), method, cfg)
