@@ -84,12 +84,17 @@ def pieces(a, N: tl.constexpr, LT: tl.constexpr):
             p0 = round_to(a, tl.bfloat16)
         if _INTERP:
             p0 = p0.to(tl.float32)
-        return p0, p0, p0
-    a = a.to(tl.float32)
-    h0 = _top8(a)
-    r = a - h0
-    h1 = _top8(r)
-    return _piece(h0), _piece(h1), _piece(r - h1)
+        p1 = p0
+        p2 = p0
+    else:  # (an early return above would still compile this branch: its type must not clash)
+        a = a.to(tl.float32)
+        h0 = _top8(a)
+        r = a - h0
+        h1 = _top8(r)
+        p0 = _piece(h0)
+        p1 = _piece(h1)
+        p2 = _piece(r - h1)
+    return p0, p1, p2
 
 
 @triton.jit
