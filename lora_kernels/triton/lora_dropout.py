@@ -16,7 +16,7 @@ the stored bits (a bit of a kept half is set wherever one looks: :func:`keep_hal
 
 Storage: the forward keeps the decisions as bits in extra columns of the saved float32 ``s``,
 16 per column: word w of row m holds elements 16 w .. 16 w + 7 in its byte 0 and
-16 w + 8 .. 16 w + 15 in its byte 2 (bit i: element + i); bytes 1 and 3 are the constants 0x80
+16 w + 8 .. 16 w + 15 in its byte 2 (bit i: element + i); bytes 1 and 3 are the constants 0x00
 and 0x3F, so every word is a finite float in [0.5, 2): the saved tensor stays a well-behaved
 float tensor that ``torch.compile`` and ``opcheck`` may compare (raw bits would form NaNs).
 Each Philox call's thread writes its own 16-bit half of a word (byte and constant), so no
@@ -109,7 +109,7 @@ def keep_masks(seed_lo, seed_hi, thr, rows, groups):
 @triton.jit
 def _halves(w, t, t_hi):
     m = tl.where(w >= t_hi, 0xFFFF0000, 0).to(tl.uint32)
-    return tl.where((w & 0xFFFF) >= t, m | 0xFFFF, m)
+    return tl.where((w << 16) >= t_hi, m | 0xFFFF, m)
 
 
 @triton.jit
@@ -123,11 +123,12 @@ def pair_masks(m0, m1, m2, m3, BM: tl.constexpr, BK: tl.constexpr):
 @triton.jit
 def keep_halfwords(m0, m1, m2, m3, groups):
     """The stored 16-bit half of a mask word for each (row, group) (see the module docstring):
-    the group's eight keep bits, then 0x80 (even group: low half) or 0x3F (odd group)."""
-    # every bit of a kept half is set: bit 2 j (and 16 + 2 j) straight from word j's mask
-    g = (m0 & 0x10001) | (m1 & 0x40004) | (m2 & 0x100010) | (m3 & 0x400040)
-    top = tl.where(groups % 2 == 0, 0x8000, 0x3F00).to(tl.uint32)
-    return (((g + (g >> 15)) & 0xFF) | top).to(tl.uint16)
+    the group's eight keep bits, then 0x00 (even group: low half) or 0x3F (odd group)."""
+    # every bit of a kept half is set: bit 2 j (and 16 + 2 j) straight from word j's mask;
+    # bits 8-13 carry the constant byte, which the fold below leaves alone
+    top = tl.where(groups % 2 == 0, 0, 0x3F00).to(tl.uint32)
+    g = (m0 & 0x10001) | (m1 & 0x40004) | (m2 & 0x100010) | (m3 & 0x400040) | top
+    return (g + (g >> 15)).to(tl.uint16)  # bits 16 + 2 j -> 2 j + 1 (bits 16-22 cut off)
 
 
 @triton.jit

@@ -97,10 +97,10 @@ def _load_x(x_rows, kk, IN, stride_xk, EDGE: tl.constexpr):
 @triton.jit
 def _step(acc, x_rows, a_cols, k0, rm, T, IN, stride_xk, stride_ak, seed_lo, seed_hi, thr,
           mask_rows, store, XT: tl.constexpr, HAS_DROPOUT: tl.constexpr, PAIRS: tl.constexpr,
-          EDGE: tl.constexpr, NX: tl.constexpr, NA: tl.constexpr, ORDER: tl.constexpr,
-          LT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
-    """acc + dropout(x[rows, k0 : k0 + BLOCK_K]) A[chunk, k0 : k0 + BLOCK_K]^T (the wide
-    accumulator when x is one piece and A three)."""
+          EDGE: tl.constexpr, WIDE: tl.constexpr, NX: tl.constexpr, NA: tl.constexpr,
+          ORDER: tl.constexpr, LT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    """acc + dropout(x[rows, k0 : k0 + BLOCK_K]) A[chunk, k0 : k0 + BLOCK_K]^T (into the wide
+    accumulator of :func:`.lora_dots.wide_dot` with ``WIDE``)."""
     xt = _dropped_x(x_rows, k0, rm, T, IN, stride_xk, seed_lo, seed_hi, thr, mask_rows, store,
                     XT, HAS_DROPOUT, PAIRS, EDGE, BLOCK_M, BLOCK_K)
     kk = k0 + tl.arange(0, BLOCK_K)[:, None]
@@ -108,7 +108,7 @@ def _step(acc, x_rows, a_cols, k0, rm, T, IN, stride_xk, stride_ak, seed_lo, see
         at = tl.load(a_cols + kk * stride_ak, mask=kk < IN, other=0.0)
     else:
         at = tl.load(a_cols + kk * stride_ak)
-    if NX == 1 and NA == 3 and ORDER == 3:
+    if WIDE:
         acc = wide_dot(xt, at, acc, LT)
     else:
         acc = split_dot(xt, at, acc, NX, NA, ORDER, LT)
@@ -146,7 +146,9 @@ def _shrink(
     mask_rows = mask_ptr + rm.to(tl.int64) * stride_mm
     store = chunk == 0
     XT: tl.constexpr = x_ptr.dtype.element_ty
-    WIDE: tl.constexpr = NX == 1 and NA == 3 and ORDER == 3
+    # one dot over A's three pieces side by side (up to 32 ranks: a 64-rank chunk would need
+    # a 64 x 256 accumulator)
+    WIDE: tl.constexpr = NX == 1 and NA == 3 and ORDER == 3 and BLOCK_R <= 32
     if WIDE:
         acc = tl.zeros((BLOCK_M, 4 * BLOCK_R), dtype=tl.float32)
     else:
@@ -154,12 +156,12 @@ def _shrink(
     k_full = IN - IN % BLOCK_K
     for k0 in range(0, k_full, BLOCK_K):
         acc = _step(acc, x_rows, a_cols, k0, rm, T, IN, stride_xk, stride_ak, seed_lo, seed_hi,
-                    thr, mask_rows, store, XT, HAS_DROPOUT, PAIRS, False, NX, NA, ORDER, LT,
+                    thr, mask_rows, store, XT, HAS_DROPOUT, PAIRS, False, WIDE, NX, NA, ORDER, LT,
                     BLOCK_M, BLOCK_K)
     if k_full < IN:
         acc = _step(acc, x_rows, a_cols, k_full, rm, T, IN, stride_xk, stride_ak, seed_lo,
-                    seed_hi, thr, mask_rows, store, XT, HAS_DROPOUT, PAIRS, True, NX, NA, ORDER,
-                    LT, BLOCK_M, BLOCK_K)
+                    seed_hi, thr, mask_rows, store, XT, HAS_DROPOUT, PAIRS, True, WIDE, NX, NA,
+                    ORDER, LT, BLOCK_M, BLOCK_K)
     if WIDE:
         acc = wide_sum(acc, BLOCK_M, BLOCK_R)
     if HAS_DROPOUT:
