@@ -35,7 +35,10 @@ def launch_class(NX, BLOCK_R, **_) -> str:
     return "split" if NX > 1 else ("r64" if BLOCK_R > 32 else "base")
 
 
-_BASE = [_cfg(64, 64, 4, 4), _cfg(64, 128, 4, 3), _cfg(128, 64, 8, 3), _cfg(64, 64, 4, 2)]
+# 64-row blocks fill an H200 at T = 8192 (128 programs); 8 warps on them give each scheduler
+# two warps to switch between (the loop is issue-bound: Philox on the CUDA cores).
+_BASE = [_cfg(64, 64, 4, 4), _cfg(64, 128, 4, 3), _cfg(128, 64, 8, 3), _cfg(64, 64, 4, 2),
+         _cfg(64, 128, 8, 2)]
 _NARROW = [_BASE[0], _BASE[2], _BASE[3]]  # BLOCK_K 128 spills with 64 ranks or a split x
 # Each config compiles for sm_90 without spills, with wgmma in every dot, for its class.
 CONFIGS = _common.ConfigTable(
@@ -115,7 +118,7 @@ def _step(acc, x_rows, a_cols, k0, rm, T, IN, stride_xk, stride_ak, seed_lo, see
     return acc
 
 
-@triton.autotune(configs=CONFIGS.all(), key=["T_KEY", "IN", "R", "HAS_DROPOUT"],
+@triton.autotune(configs=CONFIGS.all(), key=["T_KEY", "IN", "R", "HAS_DROPOUT", "PAIRS"],
                  prune_configs_by={"early_config_prune": CONFIGS.prune})
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi", "thr"])
 def _shrink(
