@@ -121,17 +121,24 @@ def split_dot(a, b, acc, NA: tl.constexpr, NB: tl.constexpr, ORDER: tl.constexpr
 
 
 @triton.jit
-def wide_dot(a, b, acc, LT: tl.constexpr):
-    """acc + a @ [b0 | b1 | b2 | 0] for a one-piece ``a`` (M, K) and ``b`` (K, N) in three
-    pieces, placed side by side (column 4 n + i is piece i of column n): one tensor-core dot
-    of width 4 N instead of three of width N (fewer instructions and waits; the tensor cores
-    have time to spare). ``acc`` (M, 4 N) fp32; :func:`wide_sum` folds it to (M, N)."""
+def wide_dot(a, b, acc, NA: tl.constexpr, LT: tl.constexpr):
+    """acc + a @ [b0 | b1 | b2 | 0] for ``a`` (M, K) in ``NA`` pieces and ``b`` (K, N) in
+    three, placed side by side (column 4 n + i is piece i of column n): one tensor-core dot of
+    width 4 N per piece of ``a`` instead of one of width N per piece product (fewer
+    instructions and waits; the tensor cores have time to spare). Every product of a piece of
+    ``a`` with one of ``b`` is summed, those of order >= 3 too (below an fp32 ulp, and free).
+    ``acc`` (M, 4 N) fp32; :func:`wide_sum` folds it to (M, N)."""
     b0, b1, b2 = pieces(b, 3, LT)
     K: tl.constexpr = b.shape[0]
     N: tl.constexpr = b.shape[1]
     # join(join(b0, b2), join(b1, 0))[.., a, t] is piece 2 a + t: in order once flattened
     wide = tl.reshape(tl.join(tl.join(b0, b2), tl.join(b1, tl.zeros_like(b1))), (K, 4 * N))
-    return tl.dot(pieces(a, 1, LT)[0], wide, acc)
+    a0, a1, a2 = pieces(a, NA, LT)
+    if NA > 2:
+        acc = tl.dot(a2, wide, acc)
+    if NA > 1:
+        acc = tl.dot(a1, wide, acc)
+    return tl.dot(a0, wide, acc)
 
 
 @triton.jit

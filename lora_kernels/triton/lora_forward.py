@@ -112,7 +112,7 @@ def _step(acc, x_rows, a_cols, k0, rm, T, IN, stride_xk, stride_ak, seed_lo, see
     else:
         at = tl.load(a_cols + kk * stride_ak)
     if WIDE:
-        acc = wide_dot(xt, at, acc, LT)
+        acc = wide_dot(xt, at, acc, NX, LT)
     else:
         acc = split_dot(xt, at, acc, NX, NA, ORDER, LT)
     return acc
@@ -149,9 +149,9 @@ def _shrink(
     mask_rows = mask_ptr + rm.to(tl.int64) * stride_mm
     store = chunk == 0
     XT: tl.constexpr = x_ptr.dtype.element_ty
-    # one dot over A's three pieces side by side (up to 32 ranks: a 64-rank chunk would need
-    # a 64 x 256 accumulator)
-    WIDE: tl.constexpr = NX == 1 and NA == 3 and ORDER == 3 and BLOCK_R <= 32
+    # one dot per piece of x over A's three pieces side by side (up to 32 ranks: a 64-rank
+    # chunk would need a 64 x 256 accumulator)
+    WIDE: tl.constexpr = NA == 3 and ORDER == 3 and BLOCK_R <= 32
     if WIDE:
         acc = tl.zeros((BLOCK_M, 4 * BLOCK_R), dtype=tl.float32)
     else:
