@@ -12,13 +12,16 @@ Assumptions (each biases the model towards the optimistic side, alike for every 
 - peaks are reached: 989 TFLOP/s dense bf16 tensor cores, 4.8 TB/s HBM, and the CUDA-core rates
   of 132 SMs x 128 lanes (FFMA, integer) and x 16 (MUFU.EX2) at 1.98 GHz;
 - global atomics resolve in L2: counted in their own column, not timed;
-- a Philox draw of one element costs PHILOX_INSTR SIMT instructions (Triton's ``tl.rand``,
-  measured: the SASS of a kernel storing ``tl.rand(seed, offs) >= p`` grows by 50 instructions per
-  element; the CUDA backend's ``philox_u32`` is the same 10-round Philox). PyTorch's dropout uses
-  the 4 outputs of each call.
+- CUDA-core issue at the full rate, whatever the warps per SM (the Triton shrink runs 128
+  programs of 4 or 8 warps: one per SM, so its SIMT time is a floor);
+- a Philox call costs PHILOX_INSTR SIMT instructions in PyTorch's dropout (Triton's ``tl.rand``
+  measured: the SASS of a kernel storing ``tl.rand(seed, offs) >= p`` grows by 50 per element),
+  which uses the 4 outputs of each call; our kernels' own counts come from their SASS
+  (SHRINK_INSTR, PHILOX4_CALL_INSTR).
 Not modelled (the static profile shows them; a GPU run prices them): register spills, mma.sync
-instead of wgmma, pipeline depth, partial last waves, the softmax and mask arithmetic of
-attention on CUDA cores (counted only when an entry gives ``simt``), launch latency.
+instead of wgmma (the CUDA backend's tensor-core FLOPs are priced at the wgmma peak: optimistic
+for it), pipeline depth, partial last waves, the softmax and mask arithmetic of attention on
+CUDA cores (counted only when an entry gives ``simt``), launch latency.
 
 Each provider is a function of the shape returning its kernels: a kernel is a few lines, to be
 updated when a kernel is redesigned (give its reads, writes, dots and Philox draws; tag the passes
@@ -44,6 +47,13 @@ PEAK = {
     "sfu": SMS * 16 * CLOCK,  # MUFU (exp2) lane operations/s
 }
 PHILOX_INSTR = 50
+# Instructions per element of x of the Triton shrink's loop (Philox once per 8 elements, bit
+# packing, masking, bf16 pieces; SASS of `_shrink` M64,K64,w4 with Triton 3.8: 3.6 has 24).
+SHRINK_INSTR = 21
+# One Philox4x32-10 call of csrc/device/philox.cuh with its 4 threshold tests (SASS, sm_90,
+# nvcc 13.0: a kernel making one call per thread has 66 instructions more than one making none,
+# a second call adds 53, sharing the key schedule).
+PHILOX4_CALL_INSTR = 60
 
 
 @dataclass
@@ -188,46 +198,94 @@ def lora_peft_bf16(s: LoraShape) -> list[Kernel]:
     ]
 
 
-def lora_triton_today(s: LoraShape) -> list[Kernel]:
-    """lora_kernels/triton/lora_linear.py before the redesign. fp32 adapters: every LoRA dot is
-    an ieee fp32 tl.dot = FFMA (profile); one Philox call per x element in _shrink, _dx, _da.
-    Configs assumed: _ds_db BLOCK_M=64 (128 CTAs), _da BLOCK_N=32 (128 CTAs)."""
+def _cdiv(a, b):
+    return -(-a // b)
+
+
+def _lora_triton_plan(s: LoraShape, sms: int = SMS) -> dict:
+    """The launch plan lora_kernels/triton/lora_linear.py makes at this shape on `sms` SMs
+    (mirrored here: the model stands alone). Buffers in bytes."""
     T, IN, OUT, R = s.T, s.IN, s.OUT, s.R
-    mask = T * IN * PHILOX_INSTR
+    row_blocks = _cdiv(T, 128)  # _ds_db's BLOCK_M (T >= 4096, x in one piece)
+    groups = min(_cdiv(2 * sms, row_blocks), _cdiv(OUT, 256))  # column groups (x 256 columns)
+    group_cols = _cdiv(_cdiv(OUT, groups), 256) * 256
+    groups = _cdiv(OUT, group_cols)
+    return {
+        "mask": T * _cdiv(IN, 16) * 4,  # keep bits, 16 per float32 column of the saved s
+        "ds_part": groups * T * R * 4, "db_part": row_blocks * OUT * R * 4,
+        "da_part": _cdiv(T, 128) * R * IN * 4,  # dA partials per 128-row block of the dX GEMM
+        "groups": groups, "row_blocks": row_blocks,
+    }
+
+
+def lora_triton(s: LoraShape) -> list[Kernel]:
+    """lora_kernels/triton/lora_linear.py (redesigned): the shrink draws the mask (one Philox
+    call per 8 elements) and stores it as bits in the saved s; the persistent TMA GEMMs (forward,
+    dX) start their fp32 accumulator at the LoRA term; dS and dB in one pass over dY (partials
+    summed by torch in a fixed order); dA rides in the dX GEMM up to r = 32 (x's tile read there,
+    partials per 128-row block). LoRA dots on wgmma in bf16 pieces: 3 piece products for a bf16
+    x fp32 dot or fp32 x fp32 into bf16. The shrink's CUDA-core work is the SASS count of its loop
+    (SHRINK_INSTR per element of x, Triton 3.8; 24 with 3.6)."""
+    T, IN, OUT, R = s.T, s.IN, s.OUT, s.R
+    plan = _lora_triton_plan(s)
+    pieces = 3
     return [
-        one("_shrink: S = dropout(x) A^T", read=s.X + s.A, write=s.S,
-            simt=s.lora_in / 2 + mask, x_pass=1, philox=1),
-        Kernel("_fwd_gemm: y = x W^T seeded by S B^T", [
-            Work(read=s.S + s.B, simt=s.lora_out / 2),  # prologue: FMA seed dot (1 CTA/SM)
-            Work(read=s.X + s.W, write=s.Y, tc=s.gemm)], x_pass=1),
-        one("_ds_db: dS = dY B, dB += dY^T S", read=s.Y + s.B + s.S, write=s.S,
-            simt=s.lora_out, sm_fraction=128 / SMS, atomics=(T / 64) * OUT * R, dy_pass=1),
-        Kernel("_dx: dx = dY W seeded by mask * dS A", [
-            Work(read=s.S + s.A, simt=s.lora_in / 2 + mask),  # prologue: FMA dot + Philox
-            Work(read=s.Y + s.W, write=s.X, tc=s.gemm)], dy_pass=1, philox=1),
-        one("_da: dA = dS^T dropout(x)", read=s.S + s.X, write=s.A,
-            simt=s.lora_in / 2 + mask, sm_fraction=128 / SMS, x_pass=1, philox=1),
+        one("shrink: S = dropout(x) A^T, mask bits", read=s.X + s.A, write=s.S + plan["mask"],
+            tc=pieces * s.lora_in, simt=SHRINK_INSTR * T * IN, x_pass=1, philox=1),
+        one("fwd GEMM: y = x W^T + scaling S B^T (persistent, TMA)", read=s.X + s.W + s.S + s.B,
+            write=s.Y, tc=s.gemm + pieces * s.lora_out, x_pass=1),
+        one("ds_db: dS, dB partials (one pass over dY)", read=s.Y + s.B + s.S,
+            write=plan["ds_part"] + plan["db_part"], tc=2 * pieces * s.lora_out, dy_pass=1),
+        one("dS partial sum (torch)", read=plan["ds_part"], write=s.S),
+        one("dB partial sum (torch)", read=plan["db_part"], write=OUT * R * 4),
+        one("dX GEMM: dx = dY W + keep dS A / (1-p), dA partials", read=s.Y + s.W + s.S + s.A
+            + plan["mask"] + s.X, write=s.X + plan["da_part"],
+            tc=s.gemm + 2 * pieces * s.lora_in, dy_pass=1, x_pass=1),
+        one("dA partial sum (torch)", read=plan["da_part"], write=R * IN * 4),
     ]
 
 
-def lora_cuda_today(s: LoraShape) -> list[Kernel]:
-    """csrc/lora_linear before the redesign: cuBLAS base GEMMs, SIMT skinny/expand kernels
-    (mixed bf16/fp32 operands run on CUDA cores), per-element Philox, split reductions joined by
-    fp32 atomics (splits as choose_splits picks them on 132 SMs: 3, 3, 9)."""
+def _split_plan(extent, tile, blocks, min_tiles, blocks_per_sm, sms=SMS):
+    """csrc/lora_linear's plan_splits: (splits, per_split) of a reduction dimension."""
+    tiles = _cdiv(max(extent, 1), tile)
+    n = max(1, min(_cdiv(blocks_per_sm * sms, max(blocks, 1)), _cdiv(tiles, min_tiles)))
+    per = _cdiv(tiles, n) * tile
+    return _cdiv(tiles * tile, per), per
+
+
+def lora_cuda(s: LoraShape) -> list[Kernel]:
+    """csrc/lora_linear (redesigned): cuBLAS does x W^T and dY W with beta = 1 onto buffers the
+    kernels filled with the LoRA terms (so cuBLAS reads them once more); every LoRA product on
+    mma.sync in bf16 terms (3 term products here); dropout: one Philox call per 4 elements of x
+    in the shrink and again in the dX term kernel, which writes the mask bit-packed for the dA
+    sweep; split reductions as fp32 partials summed by reduce_partials_kernel (no atomics).
+    CUDA-core work counted: Philox only (PHILOX4_CALL_INSTR per call, from the SASS)."""
     T, IN, OUT, R = s.T, s.IN, s.OUT, s.R
-    mask = T * IN * PHILOX_INSTR
+    pieces, philox = 3, T * IN / 4 * PHILOX4_CALL_INSTR
+    sh_splits, _ = _split_plan(IN, 64, _cdiv(T, 64), 4, 4)  # shrink: `in` cut over blocks
+    col_blocks = _cdiv(OUT, 256)
+    sw_splits, _ = _split_plan(T, 32, col_blocks, 1, 2)  # sweeps: T cut over row splits
+    sh_part = sh_splits * T * R * 4
+    ds_part, db_part = col_blocks * T * R * 4, sw_splits * OUT * R * 4
+    da_part = sw_splits * R * IN * 4
+    bits = T * _cdiv(IN, 32) * 4
     return [
-        one("skinny: S = dropout(x) A^T", read=s.X + s.A, write=s.S, simt=s.lora_in / 2 + mask,
-            atomics=T * R * 3, x_pass=1, philox=1),
-        one("cuBLAS y = x W^T", read=s.X + s.W, write=s.Y, tc=s.gemm, x_pass=1),
-        one("expand_add: y += s S B^T", read=s.Y + s.S + s.B, write=s.Y, simt=s.lora_out / 2),
-        one("skinny: dS = dY B, dB += dY^T S", read=s.Y + s.B + s.S, write=s.S,
-            simt=s.lora_out, atomics=T * R * 3 + (T / 64) * OUT * R, dy_pass=1),
-        one("cuBLAS dx = dY W", read=s.Y + s.W, write=s.X, tc=s.gemm, dy_pass=1),
-        one("expand_add: dx += mask dS A / (1-p)", read=s.X + s.S + s.A, write=s.X,
-            simt=s.lora_in / 2 + mask, philox=1),
-        one("skinny: dA = dS^T dropout(x)", read=s.S + s.X, write=s.A, simt=s.lora_in / 2 + mask,
-            atomics=IN * R * 9, x_pass=1, philox=1),
+        one(f"lora_shrink: S partials ({sh_splits} splits of in), Philox", read=s.X + s.A,
+            write=sh_part, tc=pieces * s.lora_in, simt=philox, x_pass=1, philox=1),
+        one("reduce_partials: S", read=sh_part, write=s.S),
+        one("lora_expand: y = scaling S B^T", read=s.S + s.B, write=s.Y, tc=pieces * s.lora_out),
+        one("cuBLAS y += x W^T (beta = 1)", read=s.X + s.W + s.Y, write=s.Y, tc=s.gemm, x_pass=1),
+        one("lora_sweep over dY: dS, dB partials", read=s.Y + s.S + s.B, write=ds_part + db_part,
+            tc=2 * pieces * s.lora_out, dy_pass=1),
+        one("reduce_partials: dS", read=ds_part, write=s.S),
+        one("reduce_partials: dB", read=db_part, write=OUT * R * 4),
+        one("lora_expand: dx = keep dS A / (1-p), mask bits, Philox", read=s.S + s.A,
+            write=s.X + bits, tc=pieces * s.lora_in, simt=philox, philox=1),
+        one("cuBLAS dx += dY W (beta = 1)", read=s.Y + s.W + s.X, write=s.X, tc=s.gemm,
+            dy_pass=1),
+        one("lora_sweep over x: dA partials", read=s.X + bits + s.S, write=da_part,
+            tc=pieces * s.lora_in, x_pass=1),
+        one("reduce_partials: dA", read=da_part, write=R * IN * 4),
     ]
 
 
@@ -235,8 +293,8 @@ LORA_PROVIDERS = {
     "cuBLAS base linear (floor)": lora_cublas,
     "PEFT, fp32 adapters (as benchmarked)": lora_peft,
     "PEFT, bf16 adapters": lora_peft_bf16,
-    "ours Triton (today)": lora_triton_today,
-    "ours CUDA (today)": lora_cuda_today,
+    "ours Triton": lora_triton,
+    "ours CUDA": lora_cuda,
 }
 
 
@@ -312,44 +370,81 @@ def attn_fa2_no_prefix(s: AttnShape) -> list[Kernel]:
     return attn_fa2_concat(AttnShape(s.B, s.HQ, s.HKV, s.L, 0, s.D, s.bytes))[1:-1]
 
 
-def attn_triton_today(s: AttnShape) -> list[Kernel]:
-    """lora_kernels/triton/prefix_attention.py before the redesign. Configs assumed: forward
-    BLOCK 128 x 64, backward 64 x 64. Forward: one 64-wide tile for the 32 prefix keys, then the
-    causal sequence blocks (every block masked); backward: zero-filled dq/dk/dv, delta pre-pass,
-    dK/dV over key blocks (4 products per tile), the prefix dK/dV as its own launch over the
-    batch (64 CTAs, fp32 partials per batch split), dQ over query blocks (3 products per tile,
-    P recomputed a second time)."""
-    heads, L, P = s.B * s.HQ, s.L, s.P
-    pre_f = math.ceil(L / 128) * math.ceil(P / 64)
-    fl_f, ex_f = _tile(128, 64, s.D, 2, heads * (pre_f + tiles_by_query_block(L, L, 128, 64, 0)))
-    fl_kv, ex_kv = _tile(64, 64, s.D, 4, heads * tiles_by_key_block(L, L, 64, 64, 0))
-    fl_pkv, ex_pkv = _tile(64, 64, s.D, 4, heads * math.ceil(L / 64) * math.ceil(P / 64))
-    pre_q = math.ceil(L / 64) * math.ceil(P / 64)
-    fl_q, ex_q = _tile(64, 64, s.D, 3, heads * (pre_q + tiles_by_query_block(L, L, 64, 64, 0)))
-    splits = max(1, min(s.B, SMS // (s.HKV * math.ceil(P / 64))))
-    partials = 2 * splits * s.HKV * P * s.D * 4
+def attn_triton(s: AttnShape) -> list[Kernel]:
+    """lora_kernels/triton/prefix_attention.py (redesigned, FA2 style), first configs of its
+    table at D = 128: forward 128 x 64 tiles plus a prefix tile of its own width (32); delta;
+    one dK/dV launch (key tiles of 128 x query tiles of 32, 4 products: S^T, dP^T, dV, dK) whose
+    first programs are the prefix tiles (32 keys x 128 queries, every query of the group),
+    storing dS (bf16) for the tiles it visits; dQ = dS [K_prefix; K] from the stored dS (128 x 64
+    tiles, 1 product, no exponentials); the shared prefix's per-row fp32 partials summed by
+    torch. No atomics, no zero-fills. dS workspace within DS_WORKSPACE_BYTES (1 GiB) here."""
+    heads, L, P, D = s.B * s.HQ, s.L, s.P, s.D
+    bp = min(64, max(16, 1 << (P - 1).bit_length()))  # prefix tile width
+    fl_f, ex_f = _tile(128, 64, D, 2, heads * tiles_by_query_block(L, L, 128, 64, 0))
+    fl_fp, ex_fp = _tile(128, bp, D, 2, heads * math.ceil(L / 128) * math.ceil(P / bp))
+    n_kv = heads * tiles_by_key_block(L, L, 32, 128, 0)
+    fl_kv, ex_kv = _tile(32, 128, D, 4, n_kv)
+    n_pkv = heads * math.ceil(L / 128) * math.ceil(P / bp)
+    fl_pkv, ex_pkv = _tile(128, bp, D, 4, n_pkv)
+    ds = (n_kv * 32 * 128 + n_pkv * 128 * bp) * s.bytes  # dS of every visited tile
+    n_q = heads * tiles_by_query_block(L, L, 128, 64, 0)
+    fl_q, _ = _tile(128, 64, D, 1, n_q)
+    fl_qp, _ = _tile(128, bp, D, 1, heads * math.ceil(L / 128) * math.ceil(P / bp))
+    partials = 2 * s.B * s.HKV * P * D * 4
     return [
-        one("_fwd_kernel", read=s.Q + 2 * s.K + 2 * s.PK, write=s.Q + s.LSE, tc=fl_f, sfu=ex_f),
-        one("zeros_like: dq, dk, dv", write=s.Q + 2 * s.K),
+        one("_fwd_kernel", read=s.Q + 2 * s.K + 2 * s.PK, write=s.Q + s.LSE, tc=fl_f + fl_fp,
+            sfu=ex_f + ex_fp),
         one("_delta_kernel", read=2 * s.Q, write=s.LSE),
-        one("_bwd_kv_kernel (sequence keys)", read=2 * s.K + 2 * s.Q + 2 * s.LSE, write=2 * s.K,
+        one("_bwd_kv_kernel (prefix and sequence keys, stores dS)",
+            read=2 * s.K + 2 * s.PK + 2 * s.Q + 2 * s.LSE, write=2 * s.K + partials + ds,
+            tc=fl_kv + fl_pkv, sfu=ex_kv + ex_pkv),
+        one("_dq_kernel (from the stored dS)", read=ds + s.K + s.PK, write=s.Q, tc=fl_q + fl_qp),
+        one("shared-prefix batch sum (torch)", read=partials, write=2 * s.PK),
+    ]
+
+
+def attn_cuda(s: AttnShape) -> list[Kernel]:
+    """csrc/prefix_attention (redesigned, FA2 structure on mma.sync, accumulators in registers,
+    4 warps per block): forward 64 x 64 tiles, the prefix in one 64-key tile (32 valid keys,
+    computed whole); the dQ kernel computes delta and dQ (S, dP, dQ: 3 products per 64 x 64
+    tile); the dK/dV kernel (64 keys x 32 queries per step at D = 128, 4 products) with the
+    prefix keys as extra blocks, a shared prefix reduced per batch chunk into fp32 partials
+    summed by torch. 7 products per backward tile pair, no atomics. mma.sync runs below the
+    wgmma peak this model assumes."""
+    heads, L, P, D = s.B * s.HQ, s.L, s.P, s.D
+    pre = math.ceil(L / 64) * math.ceil(P / 64)  # query blocks x 64-wide prefix tiles
+    fl_f, ex_f = _tile(64, 64, D, 2, heads * (pre + tiles_by_query_block(L, L, 64, 64, 0)))
+    fl_q, ex_q = _tile(64, 64, D, 3, heads * (pre + tiles_by_query_block(L, L, 64, 64, 0)))
+    n_kv = heads * (tiles_by_key_block(L, L, 32, 64, 0) + math.ceil(L / 32) * math.ceil(P / 64))
+    fl_kv, ex_kv = _tile(32, 64, D, 4, n_kv)
+    chunks = min(s.B, math.ceil(2 * SMS / (math.ceil(P / 64) * s.HKV)))
+    partials = 2 * chunks * s.HKV * P * D * 4
+    return [
+        one("attn_fwd_kernel", read=s.Q + 2 * s.K + 2 * s.PK, write=s.Q + s.LSE, tc=fl_f,
+            sfu=ex_f),
+        one("attn_bwd_dq_kernel (delta, S, dP, dQ)",
+            read=3 * s.Q + 2 * s.K + 2 * s.PK + s.LSE, write=s.Q + s.LSE, tc=fl_q, sfu=ex_q),
+        one("attn_bwd_dkdv_kernel (sequence and prefix keys)",
+            read=2 * s.Q + 2 * s.K + 2 * s.PK + 2 * s.LSE, write=2 * s.K + partials,
             tc=fl_kv, sfu=ex_kv),
-        one("_bwd_kv_kernel (prefix keys)", read=2 * s.PK + 2 * s.Q + 2 * s.LSE, write=partials,
-            tc=fl_pkv, sfu=ex_pkv, sm_fraction=splits * s.HKV * math.ceil(P / 64) / SMS),
-        one("sum of the prefix partials", read=partials, write=2 * s.PK),
-        one("_bwd_dq_kernel", read=2 * s.Q + 2 * s.K + 2 * s.PK + 2 * s.LSE, write=s.Q,
-            tc=fl_q, sfu=ex_q),
+        one("shared-prefix chunk sum (torch)", read=partials, write=2 * s.PK),
     ]
 
 
 ATTN_PROVIDERS = {
     "FA2 over concatenated keys (PEFT's route)": attn_fa2_concat,
     "FA2, sequence keys only (no prefix, reference)": attn_fa2_no_prefix,
-    "ours Triton (today)": attn_triton_today,
+    "ours Triton": attn_triton,
+    "ours CUDA": attn_cuda,
 }
 
 
 # ============================================================================ report
+
+
+def _tensor_bound(k: Kernel) -> bool:
+    """Whether the kernel's longest phase is bound by the tensor cores."""
+    return max(k.works, key=lambda w: w.seconds()).bound() in ("tensor", "tf32")
 
 
 def evaluate(providers: dict, shape) -> list[dict]:
@@ -373,6 +468,8 @@ def evaluate(providers: dict, shape) -> list[dict]:
             "simt_Ginstr": sum(r["simt_Ginstr"] for r in rows),
             "atomics_M": sum(r["atomics_M"] for r in rows),
             "x_passes": sum(k.x_pass for k in kernels), "dy_passes": sum(k.dy_pass for k in kernels),
+            "x_passes_outside_gemms": sum(k.x_pass for k in kernels if not _tensor_bound(k)),
+            "dy_passes_outside_gemms": sum(k.dy_pass for k in kernels if not _tensor_bound(k)),
             "philox_passes": sum(k.philox for k in kernels),
         })
     return out
@@ -382,14 +479,21 @@ def _summary(op: str, results: list[dict], baseline: str, passes: bool) -> list[
     base = next(r for r in results if r["provider"] == baseline)["ms"]
     head = "| provider | launches | HBM MB | tensor GFLOP | SIMT G instr | atomics M | modelled ms | vs " \
            f"{baseline.split(' (')[0]} |"
-    lines = [f"### {op}: summary ({LABEL})", "", head + (" passes over x | over dY | Philox passes |" if passes else ""),
+    more = (" passes over x (not tensor-bound) | over dY (not tensor-bound) | Philox passes |"
+            if passes else "")
+    lines = [f"### {op}: summary ({LABEL})", "", head + more,
              "| --- " + "| ---: " * (7 + (3 if passes else 0)) + "|"]
     for r in results:
         line = (f"| {r['provider']} | {r['launches']} | {r['MB']:.0f} | {r['tensor_GFLOP']:.1f} | "
-                f"{r['simt_Ginstr']:.2f} | {r['atomics_M']:.2f} | {r['ms']:.3f} | {r['ms'] / base:.2f}x |")
+                f"{r['simt_Ginstr']:.2f} | {r['atomics_M']:.2f} | {r['ms']:.3f} | {r['ms'] / base:.3f}x |")
         if passes:
-            line += f" {r['x_passes']} | {r['dy_passes']} | {r['philox_passes']} |"
+            line += (f" {r['x_passes']} ({r['x_passes_outside_gemms']}) | {r['dy_passes']} "
+                     f"({r['dy_passes_outside_gemms']}) | {r['philox_passes']} |")
         lines.append(line)
+    if passes:
+        lines += ["", "Passes: kernels that read x (a T x in activation) or dY (a T x out "
+                  "gradient); in brackets those that are not tensor-bound (their read of x or dY "
+                  "is not hidden under a GEMM's compute)."]
     return lines + [""]
 
 
@@ -432,6 +536,12 @@ def main(argv=None) -> int:
           "backward.", ""]
     md += _summary("LoRA", lora_res, "cuBLAS base linear (floor)", True)
     md += _summary("Prefix attention", attn_res, "FA2 over concatenated keys (PEFT's route)", False)
+    fa2 = next(r for r in attn_res if r["provider"].startswith("FA2 over concatenated"))
+    kernels_only = sum(k["ms"] for k in fa2["kernels"] if "cat" not in k["kernel"])
+    md += [f"FA2's kernels alone (without the concatenation and its backward): "
+           f"{kernels_only:.3f} ms; " + "; ".join(
+               f"{r['provider']} {r['ms'] / kernels_only:.3f}x of it" for r in attn_res
+               if r["provider"].startswith("ours")) + ".", ""]
     md += _details("LoRA", lora_res) + _details("Prefix attention", attn_res)
     out = Path(args.out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import torch
 from triton.runtime.autotuner import Autotuner
 from triton.runtime.jit import JITFunction
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 
 @dataclass
@@ -31,6 +32,7 @@ class Launch:
     grid: object
     configs: list = field(default_factory=list)  # triton.Config, or [None] for a plain kernel
     label: str = ""  # kernel name, plus the constexprs that tell two launches of it apart
+    tag: str = ""  # set by capture.tag() around the launcher call
 
     @property
     def jit_fn(self) -> JITFunction:
@@ -41,11 +43,26 @@ class Launch:
 
     @property
     def name(self) -> str:
-        return self.jit_fn.fn.__name__
+        """The kernel's name in its module (``fwd_gemm`` and ``dx_gemm`` are two autotuners of
+        one ``lora_gemm``: each keeps its own name)."""
+        return _NAMES.get(id(self.kernel), self.jit_fn.fn.__name__)
 
     @property
     def module(self) -> str:
         return self.jit_fn.fn.__module__
+
+    def signature(self) -> tuple:
+        """What decides the compiled code: the kernel, tensor dtypes, descriptors, scalars,
+        constexprs and configs (not the grid)."""
+        def norm(v):
+            if isinstance(v, torch.Tensor):
+                return ("tensor", v.dtype)
+            if isinstance(v, TensorDescriptor):
+                return ("desc", v.base.dtype, tuple(v.shape), tuple(v.strides))
+            return repr(v)
+        return (id(self.kernel), tuple(norm(a) for a in self.args),
+                tuple(sorted((k, norm(v)) for k, v in self.kwargs.items())),
+                tuple(repr(c) for c in self.configs))
 
     def named_args(self) -> dict:
         return dict(zip(self.jit_fn.arg_names, self.args)) | self.kwargs
@@ -63,6 +80,16 @@ class Launch:
 
 _ACTIVE: list[Launch] | None = None
 _CASE = ""
+_TAG = ""
+
+
+def _record(launch: Launch) -> None:
+    """Keep a launch unless the same kernel was already launched with the same specialisation
+    (a second backward re-launching an identical ``_ds_db``: one compile is enough)."""
+    launch.tag = _TAG
+    key = launch.signature()
+    if all(x.signature() != key for x in _ACTIVE):
+        _ACTIVE.append(launch)
 
 
 def _autotuner_run(self, *args, grid, warmup, **kwargs):
@@ -71,11 +98,11 @@ def _autotuner_run(self, *args, grid, warmup, **kwargs):
         configs = list(self.prune_configs(kwargs))
     finally:
         self.nargs = None
-    _ACTIVE.append(Launch(_CASE, self, args, kwargs, grid, configs))
+    _record(Launch(_CASE, self, args, kwargs, grid, configs))
 
 
 def _jit_run(self, *args, grid, warmup, **kwargs):
-    _ACTIVE.append(Launch(_CASE, self, args, kwargs, grid, [None]))
+    _record(Launch(_CASE, self, args, kwargs, grid, [None]))
 
 
 @contextlib.contextmanager
@@ -95,9 +122,22 @@ def recording(case: str):
         _ACTIVE, _CASE = None, ""
 
 
+@contextlib.contextmanager
+def tag(text: str):
+    """Launches made inside carry ``text``: it names them where one kernel is launched more
+    than once with the same constexprs (e.g. ``_merge_kernel[Lq=16]``)."""
+    global _TAG
+    saved, _TAG = _TAG, text
+    try:
+        yield
+    finally:
+        _TAG = saved
+
+
 def _label(launches: list[Launch]) -> None:
     """Name each launch by its kernel; where one kernel is launched twice, add the constexprs
-    whose values differ between its launches (e.g. ``_bwd_kv_kernel[IS_PREFIX=True]``)."""
+    whose values differ between its launches (e.g. ``_bwd_kv_kernel[STORE_DS=False]``), else
+    the launches' tags."""
     by_name: dict[str, list[Launch]] = {}
     for launch in launches:
         by_name.setdefault(launch.name, []).append(launch)
@@ -109,7 +149,10 @@ def _label(launches: list[Launch]) -> None:
         keys = sorted({k for launch in group for k in launch.kwargs
                        if len({repr(x.kwargs.get(k)) for x in group}) > 1})
         for launch in group:
-            launch.label = name + "[" + ",".join(f"{k}={launch.kwargs.get(k)}" for k in keys) + "]"
+            parts = [f"{k}={launch.kwargs.get(k)}" for k in keys]
+            if not parts or len({x.tag for x in group}) == len(group):
+                parts = [launch.tag] if launch.tag else parts
+            launch.label = name + "[" + ",".join(parts) + "]"
 
 
 def meta(*shape, dtype=torch.bfloat16) -> torch.Tensor:
@@ -118,19 +161,36 @@ def meta(*shape, dtype=torch.bfloat16) -> torch.Tensor:
 
 
 def discover_kernels(package: str = "lora_kernels.triton") -> dict[str, list[str]]:
-    """Every kernel of every module of ``package``: autotuned kernels, and plain ``@triton.jit``
-    functions that the module launches (``name[grid](...)``); helpers called from kernels are
-    left out. Returns {module: [kernel names]}."""
+    """Every kernel of every module of ``package``, in the module that defines it: each
+    autotuner, and each ``@triton.jit`` function that is neither wrapped by an autotuner nor
+    called from another jit function's body (a helper). Returns {module: [kernel names]} and
+    remembers each kernel's name (``Launch.name``)."""
     pkg = importlib.import_module(package)
-    found = {}
+    jits, tuned, bodies, found = {}, set(), [], {}
     for info in pkgutil.iter_modules(pkg.__path__):
         mod = importlib.import_module(f"{package}.{info.name}")
-        source = open(mod.__file__).read()
-        names = []
         for attr, obj in vars(mod).items():
-            if isinstance(obj, Autotuner) or (
-                    isinstance(obj, JITFunction) and re.search(rf"\b{re.escape(attr)}\[", source)):
-                names.append(attr)
-        if names:
-            found[mod.__name__] = sorted(names)
-    return found
+            if not isinstance(obj, (Autotuner, JITFunction)):
+                continue
+            fn = obj
+            while not isinstance(fn, JITFunction):
+                fn = fn.fn
+            if fn.fn.__module__ != mod.__name__:
+                continue  # imported from the module that defines it
+            bodies.append(fn.src)
+            if isinstance(obj, Autotuner):
+                tuned.add(id(fn))
+                found.setdefault(mod.__name__, []).append(attr)
+                _NAMES[id(obj)] = attr
+            else:
+                jits[(mod.__name__, attr)] = obj
+    for (module, attr), fn in jits.items():
+        called = any(re.search(rf"\b{re.escape(attr)}\s*\(", body) for body in bodies
+                     if body is not fn.src)
+        if id(fn) not in tuned and not called:
+            found.setdefault(module, []).append(attr)
+            _NAMES[id(fn)] = attr
+    return {m: sorted(names) for m, names in sorted(found.items())}
+
+
+_NAMES: dict[int, str] = {}  # id(kernel object) -> its name, filled by discover_kernels

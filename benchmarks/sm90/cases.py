@@ -6,28 +6,34 @@ storage); ``capture.recording`` intercepts every kernel launch they make, so eac
 compiled with exactly the arguments, constexprs and autotune configs the launcher produces at
 that shape. When a kernel or launcher changes, nothing here needs to change unless the launcher's
 signature does; a new kernel needs a case only if no existing case launches it (the profile
-fails, naming it, when a kernel of ``lora_kernels/triton/`` is launched by no case).
+fails, naming it, when a kernel of ``lora_kernels/triton/`` is launched by no gated case).
 
-``gate=True`` cases are the ones ``tests/test_sm90_gate.py`` enforces (the benchmark shapes);
-the others are profiled for the record only (slower to compile, off the CI budget).
+``gate=True`` cases are the ones ``tests/test_sm90_gate.py`` enforces (the benchmark shapes;
+together they launch every kernel); the others are profiled for the record only (off the CI
+budget). Meta tensors are on no GPU: the launchers that size grids by the SM count are told 132
+(an H200) while a case runs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from .capture import meta
+from .capture import meta, tag
 
 # Benchmark shapes (benchmarks/README.md): LoRA T=8192, in=out=4096, r=16, p=0.1, alpha=32;
 # prefix attention B8 Hq32 Hkv8 L1024 P32 D128, causal, shared prefix.
 LORA = dict(T=8192, IN=4096, OUT=4096, R=16, P=0.1, ALPHA=32.0)
 ATTN = dict(B=8, HQ=32, HKV=8, L=1024, P=32, D=128)
 H200_SMS = 132
-SEED = 0x5DEECE66D1234567  # any 63-bit seed: the launcher passes it as an i64
+SEED = 0x5DEECE66D1234567  # any 63-bit seed: the launcher passes it as two words
+# lora_linear.backward's `needs`: (x, weight, bias, lora_A, lora_B)
+TRAIN = (True, False, False, True, True)  # frozen W, no bias grad: dX, dA, dB
+NO_DX = (False, False, False, True, True)  # x needs no grad (first layer): dA takes its own pass
 
 
 @dataclass
@@ -38,47 +44,117 @@ class Case:
     doc: str
 
 
-def _lora(base=torch.bfloat16, adapters=torch.float32, needs=(True, False, False, True, True)):
+@contextlib.contextmanager
+def _h200_sms():
+    """lora_linear sizes persistent and split grids by ``num_sms(device)``, which is 4 off
+    CUDA; tell it 132. (The attention launchers already plan for 132 SMs off CUDA.)"""
+    from lora_kernels.triton import lora_linear
+    saved = lora_linear.num_sms
+    lora_linear.num_sms = lambda device: H200_SMS
+    try:
+        yield
+    finally:
+        lora_linear.num_sms = saved
+
+
+def _lora(base=torch.bfloat16, adapters=torch.float32, R=LORA["R"], p=LORA["P"],
+          backwards=(TRAIN,)):
     def run():
         from lora_kernels.triton import lora_linear as k
-        T, IN, OUT, R = LORA["T"], LORA["IN"], LORA["OUT"], LORA["R"]
+        T, IN, OUT = LORA["T"], LORA["IN"], LORA["OUT"]
         x, w = meta(T, IN, dtype=base), meta(OUT, IN, dtype=base)
         a, b = meta(R, IN, dtype=adapters), meta(OUT, R, dtype=adapters)
         scaling = LORA["ALPHA"] / R
-        y, s = k.forward(x, w, None, a, b, scaling, LORA["P"], SEED)
-        k.backward(meta(T, OUT, dtype=base), x, w, a, b, s, scaling, LORA["P"], SEED, needs)
+        with _h200_sms():
+            y, s = k.forward(x, w, None, a, b, scaling, p, SEED)
+            for needs in backwards:
+                k.backward(meta(T, OUT, dtype=base), x, w, a, b, s, scaling, p, SEED, needs)
     return run
 
 
-def _attention(dtype=torch.bfloat16, D=ATTN["D"], padding=False):
+def _attn_inputs(dtype, D, B=ATTN["B"], L=ATTN["L"], Lq=None, per_row_prefix=False):
+    HQ, HKV, P = ATTN["HQ"], ATTN["HKV"], ATTN["P"]
+    Lq = L if Lq is None else Lq
+    q = meta(B, HQ, Lq, D, dtype=dtype)
+    kk, v = meta(B, HKV, L, D, dtype=dtype), meta(B, HKV, L, D, dtype=dtype)
+    bp = B if per_row_prefix else 1
+    pk, pv = meta(bp, HKV, P, D, dtype=dtype), meta(bp, HKV, P, D, dtype=dtype)
+    return q, kk, v, pk, pv
+
+
+def _attention(dtype=torch.bfloat16, D=ATTN["D"], padding=False, per_row_prefix=False):
     def run():
         from lora_kernels.triton import prefix_attention as k
-        B, HQ, HKV, L, P = ATTN["B"], ATTN["HQ"], ATTN["HKV"], ATTN["L"], ATTN["P"]
-        q, dout = meta(B, HQ, L, D, dtype=dtype), meta(B, HQ, L, D, dtype=dtype)
-        kk, v = meta(B, HKV, L, D, dtype=dtype), meta(B, HKV, L, D, dtype=dtype)
-        pk, pv = meta(1, HKV, P, D, dtype=dtype), meta(1, HKV, P, D, dtype=dtype)
-        mask = meta(B, L, dtype=torch.bool) if padding else None
+        q, kk, v, pk, pv = _attn_inputs(dtype, D, per_row_prefix=per_row_prefix)
+        mask = meta(ATTN["B"], ATTN["L"], dtype=torch.bool) if padding else None
         scale = 1.0 / math.sqrt(D)
-        # the split of the batch _prefix_batch_splits picks on a 132-SM GPU (meta tensors are
-        # not on a GPU, so the launcher would pick 1)
-        saved = k.PREFIX_BATCH_SPLITS
-        k.PREFIX_BATCH_SPLITS = max(1, min(B, H200_SMS // (HKV * -(-P // 64))))
-        try:
-            out, lse = k.forward(q, kk, v, pk, pv, mask, True, scale)
-            k.backward(dout, q, kk, v, pk, pv, mask, out, lse, True, scale)
-        finally:
-            k.PREFIX_BATCH_SPLITS = saved
+        out, lse = k.forward(q, kk, v, pk, pv, mask, True, scale)
+        k.backward(torch.empty_like(q), q, kk, v, pk, pv, mask, out, lse, True, scale)
     return run
 
 
+def _decode(lk=4096, lqs=(1, 16)):
+    """Forward only, Lq queries over a cache of lk keys: 64 (batch, kv head) programs leave
+    SMs idle, so the keys are split (split-K) and merged."""
+    def run():
+        from lora_kernels.triton import prefix_attention as k
+        D = ATTN["D"]
+        for lq in lqs:
+            q, kk, v, pk, pv = _attn_inputs(torch.bfloat16, D, L=lk, Lq=lq)
+            with tag(f"Lq={lq}"):
+                k.forward(q, kk, v, pk, pv, None, True, 1.0 / math.sqrt(D))
+    return run
+
+
+def _attention_long(L=4096):
+    """Backward only at a length whose dS workspace (B Hq L (P + L) x 2 bytes, 8.6 GB here)
+    exceeds prefix_attention.DS_WORKSPACE_BYTES: dK/dV store no dS, dQ recomputes S and dP."""
+    def run():
+        from lora_kernels.triton import prefix_attention as k
+        D = ATTN["D"]
+        q, kk, v, pk, pv = _attn_inputs(torch.bfloat16, D, L=L)
+        B, HQ = q.shape[:2]
+        assert k.ds_workspace(B, HQ, L, L, ATTN["P"], q.dtype)[0] > k.DS_WORKSPACE_BYTES
+        out, lse = torch.empty_like(q), meta(B, HQ, L, dtype=torch.float32)
+        k.backward(torch.empty_like(q), q, kk, v, pk, pv, None, out, lse, True,
+                   1.0 / math.sqrt(D))
+    return run
+
+
+_LORA_SHAPE = "T=8192 in=out=4096 p=0.1"
 PROFILE_CASES: list[Case] = [
-    Case("lora", _lora(), gate=True,
+    Case("lora", _lora(backwards=(TRAIN, NO_DX)), gate=True,
          doc="LoRA fwd+bwd, bf16 x/W, fp32 adapters (PEFT's default), frozen W (no dW), "
-             "T=8192 in=out=4096 r=16 p=0.1"),
+             f"{_LORA_SHAPE} r=16; the backward twice: with dX (dA fused into the dX GEMM) and "
+             "with x needing no grad (dA in its own pass, `_da`)"),
     Case("attn", _attention(), gate=True,
          doc="prefix attention fwd+bwd, bf16, B8 Hq32 Hkv8 L1024 P32 D128, causal, shared prefix"),
+    Case("attn-decode", _decode(), gate=True,
+         doc="prefix attention decode forward, bf16, B8 Hq32 Hkv8 P32 D128, Lq=1 and Lq=16 over "
+             "Lk=4096 cached keys, causal: split-K and the merge kernel"),
+    Case("attn-long", _attention_long(), gate=True,
+         doc="prefix attention backward, bf16, B8 Hq32 Hkv8 L4096 P32 D128, causal: the dS "
+             "workspace would exceed DS_WORKSPACE_BYTES, so dK/dV store no dS and dQ recomputes"),
+    Case("lora-fp16", _lora(base=torch.float16), gate=False,
+         doc="as lora (backward with dX), fp16 x/W, fp32 adapters: x and dY split in pieces"),
+    Case("lora-fp32", _lora(base=torch.float32, backwards=(TRAIN, NO_DX)), gate=False,
+         doc="as lora, fp32 x/W, fp32 adapters: the GEMMs' LoRA prologue only (cuBLAS adds "
+             "x W^T), dA in its own pass"),
     Case("lora-bf16A", _lora(adapters=torch.bfloat16), gate=False,
-         doc="as lora, adapters in bf16 (PEFT with autocast_adapter_dtype=False)"),
+         doc="as lora (backward with dX), adapters in bf16 (PEFT with autocast_adapter_dtype=False)"),
+    Case("lora-r64", _lora(R=64), gate=False,
+         doc="as lora (backward with dX), r=64: 64-rank chunks, dA above the fused limit "
+             "(r > 32) in its own pass"),
+    Case("lora-p0", _lora(p=0.0, backwards=(TRAIN, NO_DX)), gate=False,
+         doc="as lora, no dropout (no mask words, no keep in the GEMM prologue or dA)"),
     Case("attn-pad", _attention(padding=True), gate=False,
          doc="as attn, with a key padding mask"),
+    Case("attn-rowprefix", _attention(per_row_prefix=True), gate=False,
+         doc="as attn, a prefix per batch row (B, Hkv, P, D) instead of a shared one"),
+    Case("attn-d64", _attention(D=64), gate=False, doc="as attn, D=64"),
+    Case("attn-d256", _attention(D=256), gate=False,
+         doc="as attn, D=256 (dK/dV by head-dim halves)"),
+    Case("attn-fp32", _attention(dtype=torch.float32), gate=False,
+         doc="as attn, fp32 inputs (IEEE fp32 dots: CUDA cores by design, outside the "
+             "tensor-core rule's intent)"),
 ]

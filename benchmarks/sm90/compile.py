@@ -8,6 +8,7 @@ of the binary Triton would load; SASS comes from Triton's bundled ``nvdisasm``.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import os
 import subprocess
@@ -17,6 +18,7 @@ import time
 import torch
 import triton
 from triton.runtime.jit import MockTensor
+from triton.tools.tensor_descriptor import TensorDescriptor
 
 from . import analysis
 
@@ -26,9 +28,13 @@ def _tool(name: str) -> str:
 
 
 def _mock(value):
-    """Tensors -> MockTensor of the same dtype (data_ptr 0: aligned, as fresh allocations are)."""
+    """Tensors -> MockTensor of the same dtype (data_ptr 0: aligned, as fresh allocations are);
+    a TMA descriptor -> a copy over a MockTensor base (the config's pre-hook sets its block)."""
     if isinstance(value, torch.Tensor):
         return MockTensor(value.dtype)
+    if isinstance(value, TensorDescriptor):
+        return dataclasses.replace(value, base=MockTensor(value.base.dtype),
+                                   block_shape=list(value.block_shape))
     return value
 
 
@@ -51,6 +57,8 @@ def _compile(launch, config):
     kwargs = {k: _mock(v) for k, v in launch.kwargs.items()}
     if config is not None:
         kwargs.update(config.all_kwargs())
+        if config.pre_hook is not None:  # as the autotuner does before a launch (TMA blocks)
+            config.pre_hook(dict(zip(launch.jit_fn.arg_names, args)) | kwargs)
     buf = io.StringIO()
     old = os.environ.get("TRITON_DUMP_PTXAS_LOG")
     os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"

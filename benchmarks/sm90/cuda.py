@@ -92,6 +92,13 @@ def _max_threads(elf: str) -> dict[str, int]:
     return out
 
 
+def cuda_sources(csrc: Path) -> list[Path]:
+    """The device sources setup.py builds into the extension (its ``cuda_sources``: csrc/*.cpp,
+    host code only, and csrc/*/*.cu); csrc/emulator/ and csrc/device/ are not among them (the
+    CPU emulator's driver and headers the .cu files include)."""
+    return sorted(csrc.glob("*/*.cu"))
+
+
 def compile_cu(path: Path, csrc: Path, workdir: str) -> tuple[list[dict], str]:
     """Compile one .cu for sm_90 and profile its kernels; (rows, error text or '')."""
     nvcc = nvcc_path()
@@ -136,7 +143,7 @@ def profile_csrc(csrc: Path, jobs: int = 1, log=print) -> tuple[list[dict], str]
         return [], "nvcc not found: CUDA kernels not profiled."
     version = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
     version = (re.findall(r"release [\d.]+", version) or ["?"])[0]
-    files = sorted(csrc.rglob("*.cu"))
+    files = cuda_sources(csrc)
     log(f"compiling {len(files)} .cu files for sm_90 with nvcc {version} ({jobs} at a time)")
     rows, errors = [], []
     with tempfile.TemporaryDirectory() as work, ThreadPoolExecutor(jobs) as pool:

@@ -26,12 +26,12 @@ def _checks(row) -> str:
 
 def triton_table(rows: list[dict]) -> list[str]:
     out = ["| kernel | config | grid | regs | spill st/ld B | smem KiB | CTAs/SM (limit) | waves "
-           "| dots | HGMMA | HMMA | FFMA | atomics | gate |",
+           "| dots | HGMMA | HMMA | FFMA | TMA loads | atomics | gate |",
            "| --- | --- | ---: | ---: | ---: | ---: | --- | ---: | --- | ---: | ---: | ---: | ---: "
-           "| --- |"]
+           "| ---: | --- |"]
     for r in rows:
         if "error" in r:
-            out.append(f"| {r['kernel']} | {r['config']} | | | | | | | | | | | | "
+            out.append(f"| {r['kernel']} | {r['config']} | | | | | | | | | | | | | "
                        f"**does not compile**: {r['error'][:120]} |")
             continue
         s = r["sass"]
@@ -40,7 +40,8 @@ def triton_table(rows: list[dict]) -> list[str]:
             f"| {r['kernel']} | {r['config']} | {r['grid']} | {r['regs']} | "
             f"{r['spill_stores']}/{r['spill_loads']} | {r['smem'] / 1024:.1f} | "
             f"{r['ctas_per_sm']} ({r['occupancy_limit']}) | {r['waves']} | {_dots(r)} | "
-            f"{s['HGMMA']} | {s['HMMA']} | {s['FFMA']} | {atom} | {_checks(r)} |")
+            f"{s['HGMMA']} | {s['HMMA']} | {s['FFMA']} | {s.get('UTMALDG', 0)} | {atom} | "
+            f"{_checks(r)} |")
     return out
 
 
@@ -81,15 +82,17 @@ def markdown(doc: dict) -> str:
         "reserved per CTA), warps (64) and the 32-CTA cap, with the limiting one; `waves` = grid "
         "/ (CTAs/SM x 132 SMs); `dots` the kernel's dots after Triton's layout passes (`wgmma` = "
         "Hopper tensor cores, `mma.sync` = Ampere-style tensor cores, `fma` = CUDA cores); "
-        "HGMMA/HMMA/FFMA/atomics = static SASS instruction counts (atomics: ATOMG, REDG, RED, "
-        "ATOM). `gate`: what `tests/test_sm90_gate.py` checks (no spills, no global atomics, "
+        "HGMMA/HMMA/FFMA/TMA loads (UTMALDG)/atomics = static SASS instruction counts (atomics: "
+        "ATOMG, REDG, RED, ATOM). `gate`: what `tests/test_sm90_gate.py` checks (no spills, no global atomics, "
         "every dot with K >= 16 on tensor cores).", ""]
     summary = doc.get("summary")
     if summary:
         lines += ["## Summary", "", "| case | kernel x config rows | spills | global atomics | "
                   "FMA dots (K >= 16) | do not compile |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
+        gated = {c["name"] for c in doc["cases"] if c["gate"]}
         for case, s in summary.items():
-            lines.append(f"| {case} | {s['rows']} | {s['no_spills']} | {s['no_global_atomics']} | "
+            name = f"{case} (gated)" if case in gated else case
+            lines.append(f"| {name} | {s['rows']} | {s['no_spills']} | {s['no_global_atomics']} | "
                          f"{s['tensor_core_dots']} | {s['errors']} |")
         lines.append("")
     for case in doc["cases"]:
