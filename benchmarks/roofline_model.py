@@ -48,8 +48,9 @@ PEAK = {
 }
 PHILOX_INSTR = 50
 # Instructions per element of x of the Triton shrink's loop (Philox once per 8 elements, bit
-# packing, masking, bf16 pieces; SASS of `_shrink` M64,K64,w4 with Triton 3.8: 3.6 has 24).
-SHRINK_INSTR = 21
+# packing, masking, bf16 pieces): SASS of `_shrink` M64,K64,w4,s4 with Triton 3.8 (396 loop
+# instructions per 32 elements; 13.3 with 3.6), from `python benchmarks/lora_shrink_loop.py`.
+SHRINK_INSTR = 12.4
 # One Philox4x32-10 call of csrc/device/philox.cuh with its 4 threshold tests (SASS, sm_90,
 # nvcc 13.0: a kernel making one call per thread has 66 instructions more than one making none,
 # a second call adds 53, sharing the key schedule).
@@ -225,7 +226,7 @@ def lora_triton(s: LoraShape) -> list[Kernel]:
     summed by torch in a fixed order); dA rides in the dX GEMM up to r = 32 (x's tile read there,
     partials per 128-row block). LoRA dots on wgmma in bf16 pieces: 3 piece products for a bf16
     x fp32 dot or fp32 x fp32 into bf16. The shrink's CUDA-core work is the SASS count of its loop
-    (SHRINK_INSTR per element of x, Triton 3.8; 24 with 3.6)."""
+    (SHRINK_INSTR per element of x, Triton 3.8; 13.3 with 3.6)."""
     T, IN, OUT, R = s.T, s.IN, s.OUT, s.R
     plan = _lora_triton_plan(s)
     pieces = 3

@@ -129,5 +129,5 @@ def philox_keep(T: int, in_f: int, p: float, seed: int) -> torch.Tensor:
         k0, k1 = (k0 + np.uint64(0x9E3779B9)) & m32, (k1 + np.uint64(0xBB67AE85)) & m32
     words = np.stack(c, axis=-1)  # (T, G, 4)
     halves = np.stack([words & np.uint64(0xFFFF), words >> np.uint64(16)], axis=-1)  # (T, G, 4, 2)
-    keep = halves.reshape(T, -1)[:, :in_f] >= min(round(p * 65536), 65536)
+    keep = halves.reshape(T, -1)[:, :in_f] >= min(round(p * 65536), 65535)
     return torch.from_numpy(keep)

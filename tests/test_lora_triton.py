@@ -124,6 +124,47 @@ def test_mask_is_its_definition():
         assert torch.equal(mask_of("triton", T, in_f, p, seed), philox_keep(T, in_f, p, seed))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_pairs_path_equals_the_elementwise_path(monkeypatch, dtype):
+    """A 16-bit x with unit column stride and even row stride and width is read as 32-bit
+    pairs, each masked by one AND (PAIRS); any other x selects element by element. Same x,
+    two layouts: the same S and the same stored bits, bit for bit."""
+    T, in_f, r = 37, 70, 5  # 70: a partial last column block (the masked edge step)
+    x = torch.randn(T, in_f, dtype=dtype)
+    odd = torch.zeros(T, in_f + 3, dtype=dtype)[:, 1:1 + in_f]  # row stride 73
+    odd.copy_(x)
+    w, _, a, bb = make_inputs(T, in_f, 3, r, dtype, adapter_dtype=torch.float32)[1:]
+    outs = []
+    for xv in (x, odd):
+        with _recorded_launches(monkeypatch) as launches:
+            outs.append(tr.forward(xv, w, None, a, bb, 1.0, 0.3, 77)[1])
+        shrink = [args for name, _, args, _ in launches if name == "shrink"]
+        outs.append(shrink[0]["PAIRS"])
+    assert outs[1] is True and outs[3] is False
+    assert torch.equal(outs[0], outs[2])
+
+
+def test_mask_words_are_floats_in_half_to_two():
+    """The saved mask words: keep bits in bytes 0 and 2, constants 0x00 and 0x3F in bytes 1
+    and 3, so every word is a finite float in [0.5, 2) (s may be compared by torch.compile)."""
+    x, w, _, a, bb = make_inputs(9, 100, 4, 3, torch.bfloat16)
+    _, s = tr.forward(x, w, None, a, bb, 1.0, 0.5, 3)
+    first, count = drop.mask_columns(100, 3)
+    words = s[:, first:first + count]
+    bits = words.contiguous().view(torch.int32)
+    assert torch.all((bits >> 8) & 0xFF == 0) and torch.all((bits >> 24) & 0xFF == 0x3F)
+    assert torch.all((words >= 0.5) & (words < 2.0))
+    assert ((bits & 0xFF) != 0).any() and ((bits & 0xFF0000) != 0).any()
+
+
+def test_threshold_stays_below_65536():
+    """The high half is compared as a word against t << 16: t is capped at 65535 (the drop
+    probability at most 1 - 2^-16), and the kernels draw the definition at the cap."""
+    assert drop.threshold(0.1) == 6554 and drop.threshold(1 - 2**-20) == 65535
+    p = 1 - 2**-18
+    assert torch.equal(mask_of("triton", 3, 24, p, 5), philox_keep(3, 24, p, 5))
+
+
 def _stored_keep(T, in_f, p, seed):
     """The mask as the forward stores it (rank 1: cheap in the interpreter); test_mask_is_its_
     definition shows these bits are the mask applied."""

@@ -76,6 +76,22 @@ def test_mask_on_gpu_is_its_definition():
     assert abs((1 - keep.float().mean().item()) - 0.1) < 0.001  # 2**25 draws
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_pairs_path_equals_the_elementwise_path(dtype):
+    """x read as 32-bit pairs (contiguous 16-bit x) and x read element by element (odd row
+    stride): the same stored mask bits and S (to rounding: each path tunes its own config)."""
+    torch.manual_seed(3)
+    x = torch.randn(1000, 1030, dtype=dtype, device="cuda")
+    odd = torch.zeros(1000, 1033, dtype=dtype, device="cuda")[:, 1:1031]
+    odd.copy_(x)
+    _, w, _, a, bb = _cuda(make_inputs(1000, 1030, 64, 16, dtype, adapter_dtype=torch.float32))
+    s1 = tr.forward(x, w, None, a, bb, 1.0, 0.1, 11)[1]
+    s2 = tr.forward(odd, w, None, a, bb, 1.0, 0.1, 11)[1]
+    assert torch.equal(s1[:, 16:], s2[:, 16:])
+    torch.testing.assert_close(s1[:, :16], s2[:, :16], rtol=1e-5, atol=1e-5)
+    assert torch.equal(drop.unpack_keep(s1, 16, 1030).cpu(), philox_keep(1000, 1030, 0.1, 11))
+
+
 def test_bitwise_repeatable():
     """No atomics: the same inputs give the same bits, forward and backward."""
     inputs = _cuda(make_inputs(2048, 1024, 1024, 16, torch.bfloat16, adapter_dtype=torch.float32))

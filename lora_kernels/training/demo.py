@@ -14,6 +14,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -25,8 +26,25 @@ from .methods import METHODS, MethodConfig, apply_method
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT_DATA = REPO / "data" / "reviews"
 LABELS = ["negative", "neutral", "positive"]
-# Learning rates per method (the usual ranges: small for all weights, large for soft prompts).
-LR = {"full": 1e-4, "prompt": 3e-2, "prefix": 1e-2, "lora": 1e-3}
+# The demo's data sizes and training settings (``make demo``; the sweep uses the same).
+DEFAULTS = {"train_size": 1600, "val_size": 300, "test_size": 1000, "epochs": 4, "batch_size": 32,
+            "max_length": 32}
+# The per-method recipe: learning rate, r for LoRA (alpha = 2 r), virtual tokens for prompt and
+# prefix tuning; each chosen by benchmarks/demo_sweep.py on the validation split (the table and
+# the rule: benchmarks/results/demo/sweep.md).
+RECIPE = {
+    "full": {"lr": 2e-4},
+    "prompt": {"lr": 3e-2, "num_virtual_tokens": 16},
+    "prefix": {"lr": 3e-2, "num_virtual_tokens": 16},
+    "lora": {"lr": 1e-3, "r": 8},
+}
+LR = {method: spec["lr"] for method, spec in RECIPE.items()}
+# No head or target settings here: for sequence classification lora_kernels' tuning layer trains
+# the task head, which for BERT is the classifier *and* the pooler feeding it (pooler.dense + tanh
+# on [CLS]), with every parameter-efficient method, and ``target_modules="all-linear"`` puts LoRA
+# on the encoder's linear layers only (neither classifier nor pooler). all-MiniLM-L6-v2 was
+# trained for mean pooling, so its pooler is no use to this task frozen (LoRA: 0.54 test accuracy
+# frozen, 0.885 trained). ``--impl peft`` keeps PEFT's own default (classifier only).
 METHOD_NAMES = {"full": "full fine-tuning", "prompt": "prompt tuning", "prefix": "prefix tuning",
                 "lora": "LoRA"}
 
@@ -43,6 +61,18 @@ def minilm_folder() -> Path:
     return folder
 
 
+def recipe_config(method: str, **overrides) -> MethodConfig:
+    """The :class:`MethodConfig` of ``method``'s recipe (``RECIPE`` without the learning rate;
+    LoRA's alpha = 2 r); ``overrides`` replace fields, e.g. ``recipe_config("lora", r=16)``."""
+    if method not in RECIPE:
+        raise ValueError(f"method: expected one of {tuple(RECIPE)}, got {method!r}")
+    fields = {k: v for k, v in RECIPE[method].items() if k != "lr"}
+    fields.update(overrides)
+    r = fields.get("r", MethodConfig.r)
+    fields.setdefault("lora_alpha", 2 * r)
+    return MethodConfig(**fields)
+
+
 def run_demo(
     model_dir: str | Path,
     data_dir: str | Path = DEFAULT_DATA,
@@ -55,14 +85,15 @@ def run_demo(
     batch_size: int = 32,
     max_length: int = 32,
     lr: dict[str, float] | None = None,
-    method_config: MethodConfig | None = None,
+    method_config: MethodConfig | dict[str, MethodConfig] | None = None,
     impl: str = "lora_kernels",
     device: str = "cpu",
     seed: int = 0,
     progress: bool = True,
 ) -> dict:
     """Fine-tune ``model_dir`` on ``data_dir``'s train/validation/test JSONL files with each
-    method; return ``{"rows": [...], "runs": {method: fit(...) result}, "settings": {...}}``."""
+    method; return ``{"rows": [...], "runs": {method: fit(...) result}, "settings": {...}}``.
+    ``lr`` and ``method_config`` (one for all methods, or one per method) default to the recipe."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from .env import portable_path
@@ -82,12 +113,17 @@ def run_demo(
         model = AutoModelForSequenceClassification.from_pretrained(
             model_dir, num_labels=len(LABELS), id2label=dict(enumerate(LABELS)), label2id=label_ids,
         )
-        model = apply_method(model, method, method_config, impl=impl)
+        if isinstance(method_config, dict):
+            cfg_m = method_config.get(method) or recipe_config(method)
+        else:
+            cfg_m = method_config or recipe_config(method)
+        model = apply_method(model, method, cfg_m, impl=impl)
         cfg = TrainConfig(epochs=epochs, lr=lr[method], batch_size=batch_size, seed=seed,
                           device=device, progress=progress)
         res = fit(model, tok["train"], tok["validation"], tok["test"], cfg,
                   pad_id=tokenizer.pad_token_id, desc=METHOD_NAMES[method])
         res["lr"] = lr[method]
+        res["method_config"] = asdict(cfg_m) if method != "full" else {}
         runs[method] = res
         rows.append(summary_row(method, res))
         print(f"{METHOD_NAMES[method]:<17} done in {res['train_seconds']:.0f} s: "
@@ -139,12 +175,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", default=str(DEFAULT_DATA))
     ap.add_argument("--out", default=str(REPO / "benchmarks" / "results" / "demo"))
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    ap.add_argument("--train-size", type=int, default=1600)
-    ap.add_argument("--val-size", type=int, default=300)
-    ap.add_argument("--test-size", type=int, default=1000)
-    ap.add_argument("--epochs", type=int, default=4)
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--max-length", type=int, default=32)
+    ap.add_argument("--train-size", type=int, default=DEFAULTS["train_size"])
+    ap.add_argument("--val-size", type=int, default=DEFAULTS["val_size"])
+    ap.add_argument("--test-size", type=int, default=DEFAULTS["test_size"])
+    ap.add_argument("--epochs", type=int, default=DEFAULTS["epochs"])
+    ap.add_argument("--batch-size", type=int, default=DEFAULTS["batch_size"])
+    ap.add_argument("--max-length", type=int, default=DEFAULTS["max_length"])
     ap.add_argument("--lr", nargs="+", default=[], metavar="METHOD=LR",
                     help="learning rates to override, e.g. lora=3e-3 (defaults: "
                     + ", ".join(f"{k}={v:g}" for k, v in LR.items()) + ")")

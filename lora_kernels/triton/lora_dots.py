@@ -84,12 +84,17 @@ def pieces(a, N: tl.constexpr, LT: tl.constexpr):
             p0 = round_to(a, tl.bfloat16)
         if _INTERP:
             p0 = p0.to(tl.float32)
-        return p0, p0, p0
-    a = a.to(tl.float32)
-    h0 = _top8(a)
-    r = a - h0
-    h1 = _top8(r)
-    return _piece(h0), _piece(h1), _piece(r - h1)
+        p1 = p0
+        p2 = p0
+    else:  # (an early return above would still compile this branch: its type must not clash)
+        a = a.to(tl.float32)
+        h0 = _top8(a)
+        r = a - h0
+        h1 = _top8(r)
+        p0 = _piece(h0)
+        p1 = _piece(h1)
+        p2 = _piece(r - h1)
+    return p0, p1, p2
 
 
 @triton.jit
@@ -113,6 +118,43 @@ def split_dot(a, b, acc, NA: tl.constexpr, NB: tl.constexpr, ORDER: tl.constexpr
         if NB > 1:
             acc = tl.dot(a0, b1, acc)
     return tl.dot(a0, b0, acc)
+
+
+@triton.jit
+def wide_dot(a, b, acc, NA: tl.constexpr, LT: tl.constexpr):
+    """acc + a @ [b0 | b1 | b2 | 0] for ``a`` (M, K) in ``NA`` pieces and ``b`` (K, N) in
+    three, placed side by side (column 4 n + i is piece i of column n): one tensor-core dot of
+    width 4 N per piece of ``a`` instead of one of width N per piece product (fewer
+    instructions and waits; the tensor cores have time to spare). Every product of a piece of
+    ``a`` with one of ``b`` is summed, those of order >= 3 too (below an fp32 ulp, and free).
+    ``acc`` (M, 4 N) fp32; :func:`wide_sum` folds it to (M, N)."""
+    b0, b1, b2 = pieces(b, 3, LT)
+    K: tl.constexpr = b.shape[0]
+    N: tl.constexpr = b.shape[1]
+    # join(join(b0, b2), join(b1, 0))[.., a, t] is piece 2 a + t: in order once flattened
+    wide = tl.reshape(tl.join(tl.join(b0, b2), tl.join(b1, tl.zeros_like(b1))), (K, 4 * N))
+    a0, a1, a2 = pieces(a, NA, LT)
+    if NA > 2:
+        acc = tl.dot(a2, wide, acc)
+    if NA > 1:
+        acc = tl.dot(a1, wide, acc)
+    return tl.dot(a0, wide, acc)
+
+
+@triton.jit
+def wide_sum(acc, M: tl.constexpr, N: tl.constexpr):
+    """(M, 4 N) of :func:`wide_dot` -> (M, N): the piece products added, smallest first."""
+    p0, p1, p2, _ = _split4(tl.reshape(acc, (M, N, 4)))
+    return (p2 + p1) + p0
+
+
+@triton.jit
+def _split4(v):
+    """(M, N, 4) -> its four (M, N) slices (the inverse of the joins in :func:`wide_dot`)."""
+    low, high = tl.split(tl.reshape(v, (v.shape[0], v.shape[1], 2, 2)))  # [.., a, t]: by t
+    p0, p2 = tl.split(low)
+    p1, p3 = tl.split(high)
+    return p0, p1, p2, p3
 
 
 @triton.jit

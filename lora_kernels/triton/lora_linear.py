@@ -85,6 +85,12 @@ def _ds_db_block_m(T: int, pieces: int) -> int:
     return 128 if T >= 4096 and pieces == 1 else 64
 
 
+def _pairs_ok(x: torch.Tensor) -> bool:
+    """Whether the shrink may read x (T, in) as 32-bit pairs of 16-bit elements."""
+    return (x.element_size() == 2 and x.stride(1) == 1 and x.stride(0) % 2 == 0
+            and x.shape[1] % 2 == 0 and x.data_ptr() % 4 == 0)
+
+
 def _plan(names, plan):
     return dict(zip(names, plan))
 
@@ -106,7 +112,7 @@ def _forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
         return y, s
     seed_lo, seed_hi = seed_words(seed)
     t_key = pow2_bucket(T)
-    mask = s[:, mask_columns(IN, R)[0]:].view(torch.uint8) if p > 0 else s
+    mask = s[:, mask_columns(IN, R)[0]:].view(torch.int16) if p > 0 else s
     plan = dot_plan(x.dtype, adt, _F32, adt)
     block_r = _block_r(R, plan[0])
     n_chunks = triton.cdiv(R, block_r)
@@ -114,7 +120,8 @@ def _forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, seed):
         x, lora_A, s, mask, seed_lo, seed_hi, threshold(p), 1.0 / (1.0 - p),
         T, IN, R, t_key,
         x.stride(0), x.stride(1), lora_A.stride(0), lora_A.stride(1), s.stride(0), mask.stride(0),
-        HAS_DROPOUT=p > 0, BLOCK_R=block_r, **_plan(("NX", "NA", "ORDER", "LT"), plan),
+        HAS_DROPOUT=p > 0, PAIRS=p > 0 and _pairs_ok(x), BLOCK_R=block_r,
+        **_plan(("NX", "NA", "ORDER", "LT"), plan),
     )
     if OUT == 0:
         return y, s
