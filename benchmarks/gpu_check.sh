@@ -9,7 +9,7 @@
 # 2. runs the GPU tests against the float64 reference on CUDA tensors: by default a lean
 #    selection (benchmarks/gpu_quick_tests.txt: every kernel once at a realistic size, every
 #    backend's correctness, no torch.compile tests); GPU_CHECK_TESTS=all runs the whole GPU suite
-#    (pytest -m gpu: 403 tests, several times the Triton compiles; its default budget is then
+#    (pytest -m gpu: 408 tests, several times the Triton compiles; its default budget is then
 #    1200 s, beyond the 8 minutes),
 # 3. runs both microbenchmarks at their GPU shapes (JSON under $OUT),
 # 4. prints one compact table last (also $OUT/gpu_check_table.md).

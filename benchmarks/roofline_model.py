@@ -378,7 +378,9 @@ def attn_triton(s: AttnShape) -> list[Kernel]:
     first programs are the prefix tiles (32 keys x 128 queries, every query of the group),
     storing dS (bf16) for the tiles it visits; dQ = dS [K_prefix; K] from the stored dS (128 x 64
     tiles, 1 product, no exponentials); the shared prefix's per-row fp32 partials summed by
-    torch. No atomics, no zero-fills. dS workspace within DS_WORKSPACE_BYTES (1 GiB) here."""
+    torch. No atomics, no zero-fills. dS in slices of (batch x kv-head) groups within
+    DS_WORKSPACE_BYTES (256 MiB): three slices here, the same bytes and FLOPs, six launches for
+    two (launches not timed)."""
     heads, L, P, D = s.B * s.HQ, s.L, s.P, s.D
     bp = min(64, max(16, 1 << (P - 1).bit_length()))  # prefix tile width
     fl_f, ex_f = _tile(128, 64, D, 2, heads * tiles_by_query_block(L, L, 128, 64, 0))

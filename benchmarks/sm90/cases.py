@@ -106,18 +106,28 @@ def _decode(lk=4096, lqs=(1, 16)):
     return run
 
 
-def _attention_long(L=4096):
-    """Backward only at a length whose dS workspace (B Hq L (P + L) x 2 bytes, 8.6 GB here)
-    exceeds prefix_attention.DS_WORKSPACE_BYTES: dK/dV store no dS, dQ recomputes S and dP."""
+def _attention_long(L=4096, B=1):
+    """Backward only at L = 4096 (B = 1: the same specialisations as B = 8, fewer launches),
+    twice: within the dS workspace (prefix_attention.plan_ds slices the query rows, dK/dV carried
+    over in fp32 from slice to slice), and with no workspace (DS_WORKSPACE_BYTES = 0: dK/dV
+    store no dS, dQ recomputes S and dP)."""
     def run():
         from lora_kernels.triton import prefix_attention as k
         D = ATTN["D"]
-        q, kk, v, pk, pv = _attn_inputs(torch.bfloat16, D, L=L)
-        B, HQ = q.shape[:2]
-        assert k.ds_workspace(B, HQ, L, L, ATTN["P"], q.dtype)[0] > k.DS_WORKSPACE_BYTES
+        q, kk, v, pk, pv = _attn_inputs(torch.bfloat16, D, B=B, L=L)
+        HQ, HKV = ATTN["HQ"], ATTN["HKV"]
+        plan = k.plan_ds(B, HKV, HQ // HKV, L, L, ATTN["P"], True, q.dtype)
+        assert plan is not None and plan.rows_sliced
         out, lse = torch.empty_like(q), meta(B, HQ, L, dtype=torch.float32)
-        k.backward(torch.empty_like(q), q, kk, v, pk, pv, None, out, lse, True,
-                   1.0 / math.sqrt(D))
+        saved = k.DS_WORKSPACE_BYTES
+        for budget, name in ((saved, "row slices"), (0, "recompute")):
+            k.DS_WORKSPACE_BYTES = budget
+            try:
+                with tag(name):
+                    k.backward(torch.empty_like(q), q, kk, v, pk, pv, None, out, lse, True,
+                               1.0 / math.sqrt(D))
+            finally:
+                k.DS_WORKSPACE_BYTES = saved
     return run
 
 
@@ -133,8 +143,9 @@ PROFILE_CASES: list[Case] = [
          doc="prefix attention decode forward, bf16, B8 Hq32 Hkv8 P32 D128, Lq=1 and Lq=16 over "
              "Lk=4096 cached keys, causal: split-K and the merge kernel"),
     Case("attn-long", _attention_long(), gate=True,
-         doc="prefix attention backward, bf16, B8 Hq32 Hkv8 L4096 P32 D128, causal: the dS "
-             "workspace would exceed DS_WORKSPACE_BYTES, so dK/dV store no dS and dQ recomputes"),
+         doc="prefix attention backward, bf16, B1 Hq32 Hkv8 L4096 P32 D128, causal: dS in "
+             "slices of query rows within DS_WORKSPACE_BYTES (dK/dV carried over in fp32), and "
+             "with no workspace (dK/dV store no dS, dQ recomputes)"),
     Case("lora-fp16", _lora(base=torch.float16), gate=False,
          doc="as lora (backward with dX), fp16 x/W, fp32 adapters: x and dY split in pieces"),
     Case("lora-fp32", _lora(base=torch.float32, backwards=(TRAIN, NO_DX)), gate=False,
@@ -155,6 +166,6 @@ PROFILE_CASES: list[Case] = [
     Case("attn-d256", _attention(D=256), gate=False,
          doc="as attn, D=256 (dK/dV by head-dim halves)"),
     Case("attn-fp32", _attention(dtype=torch.float32), gate=False,
-         doc="as attn, fp32 inputs (IEEE fp32 dots: CUDA cores by design, outside the "
-             "tensor-core rule's intent)"),
+         doc="as attn, fp32 inputs, on record only: the Triton backend declines fp32 "
+             "attention (CAPABILITIES fp16/bf16; torch/SDPA serves it); IEEE fp32 dots"),
 ]
