@@ -455,6 +455,27 @@ def test_ds_plan_keeps_five_matmuls_at_long_lengths(monkeypatch):
     assert T.plan_ds(2, 8, 4, 200_000, 200_000, 32, True, torch.bfloat16) is None
 
 
+def test_padded_launches_leave_out_the_rows_that_spill_with_a_mask(monkeypatch):
+    """The GPU's dK/dV configs at D = 128: a launch with a key-padding mask is never tuned over
+    the 32 x 128, 8-warp row (4 bytes of spills under Triton 3.6); one without still is."""
+    from lora_kernels.triton import attention_backward as bwd
+    from lora_kernels.triton import attention_common as common
+
+    gpu_table = common.configs_for
+    monkeypatch.setattr(common, "configs_for",
+                        lambda *args, **kw: gpu_table(*args, **{**kw, "interpreter": False}))
+    monkeypatch.setenv("LORA_KERNELS_AUTOTUNE", "1")
+    prune = bwd._bwd_kv_kernel.early_config_prune
+    gpu = common.configs_for("bwd_kv")
+
+    def rows(has_pad):
+        return {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps)
+                for c in prune(gpu, {}, BLOCK_D=128, HAS_PAD=has_pad)}
+
+    assert rows(False) == {(32, 128, 8), (16, 128, 8), (16, 64, 4)}
+    assert rows(True) == {(16, 128, 8), (16, 64, 4)}
+
+
 def test_dq_recomputes_when_no_slice_fits(monkeypatch, launches):
     from lora_kernels.triton import prefix_attention as T
 

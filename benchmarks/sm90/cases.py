@@ -165,7 +165,4 @@ PROFILE_CASES: list[Case] = [
     Case("attn-d64", _attention(D=64), gate=False, doc="as attn, D=64"),
     Case("attn-d256", _attention(D=256), gate=False,
          doc="as attn, D=256 (dK/dV by head-dim halves)"),
-    Case("attn-fp32", _attention(dtype=torch.float32), gate=False,
-         doc="as attn, fp32 inputs, on record only: the Triton backend declines fp32 "
-             "attention (CAPABILITIES fp16/bf16; torch/SDPA serves it); IEEE fp32 dots"),
 ]

@@ -74,6 +74,11 @@ _TABLE: dict[str, list[tuple[dict, int, int, tuple[int, ...]]]] = {
     ],
 }
 KERNELS = tuple(_TABLE)
+# rows that serve launches without a key-padding mask only (HAS_PAD = False): with the mask's
+# registers the 32 x 128, 8-warp dK/dV row spills 4 bytes under Triton 3.6 at D = 128
+_UNPADDED_ONLY = {
+    "bwd_kv": [({"BLOCK_M": 32, "BLOCK_N": 128, "BLOCK_MP": 128, "PREFIX_STAGES": 2}, 8, 3)],
+}
 # widest head-dim slice of the dK/dV accumulators of one backward program: with D = 256 each
 # program takes half of the head dim (S and dP still over all of it), or the accumulators
 # alone would fill the registers
@@ -86,14 +91,17 @@ _INTERPRETER_TILES = {"fwd": {"BLOCK_M": 16, "BLOCK_N": 16}, "decode": {"BLOCK_N
                       "bwd_dq_recompute": {"BLOCK_M": 16, "BLOCK_N": 16}}
 
 
-def configs_for(kernel: str, block_d: int | None = None, interpreter: bool = INTERPRETER
-                ) -> list[triton.Config]:
+def configs_for(kernel: str, block_d: int | None = None, interpreter: bool = INTERPRETER,
+                padded: bool = False) -> list[triton.Config]:
     """The autotune configs of ``kernel`` (one of KERNELS) that may serve head-dim tile
-    ``block_d`` (all of them for None). In Triton's interpreter one small config."""
+    ``block_d`` (all of them for None), for a launch with a key-padding mask if ``padded``.
+    In Triton's interpreter one small config."""
     if interpreter:
         return [triton.Config(dict(_INTERPRETER_TILES[kernel]), num_warps=1, num_stages=1)]
+    unpadded_only = _UNPADDED_ONLY.get(kernel, []) if padded else []
     return [triton.Config(dict(tiles), num_warps=w, num_stages=s)
-            for tiles, w, s, dims in _TABLE[kernel] if block_d is None or block_d in dims]
+            for tiles, w, s, dims in _TABLE[kernel]
+            if (block_d is None or block_d in dims) and (tiles, w, s) not in unpadded_only]
 
 
 def _signature(c: triton.Config) -> tuple:
@@ -102,12 +110,13 @@ def _signature(c: triton.Config) -> tuple:
 
 def autotune(kernel: str, key: list[str], restore: list[str] | None = None):
     """triton.autotune over ``configs_for(kernel)``, pruned to the rows that serve the launch's
-    BLOCK_D; LORA_KERNELS_AUTOTUNE=0 keeps only the first (quick GPU tests). ``restore``: the
+    BLOCK_D and HAS_PAD; LORA_KERNELS_AUTOTUNE=0 keeps only the first (quick GPU tests). ``restore``: the
     arguments a launch may update in place, restored after each timed run."""
 
     def prune(configs, named_args, **kwargs):
         block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
-        allowed = {_signature(c) for c in configs_for(kernel, block_d)}
+        padded = bool(kwargs.get("HAS_PAD", named_args.get("HAS_PAD", False)))
+        allowed = {_signature(c) for c in configs_for(kernel, block_d, padded=padded)}
         keep = [c for c in configs if _signature(c) in allowed] or configs[:1]
         if os.environ.get("LORA_KERNELS_AUTOTUNE", "1").strip() == "0":
             keep = keep[:1]
