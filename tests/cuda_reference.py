@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from helpers import assert_close_to_reference
 
 
 def attention_torch(q, k, v, pk, pv, kpm, causal, scale):
@@ -51,6 +52,34 @@ def attention_inputs(B, Hq, Hkv, Lq, Lk, P, D, bp, dtype, padded, device="cpu"):
         if B > 1:
             kpm[1] = True
     return q, k, v, pk, pv, kpm
+
+
+def check_attention_forward_backward(ca, q, k, v, pk, pv, kpm, causal, lse_atol):
+    """The CUDA backend module ``ca`` (forward, backward) against the float64 reference with the
+    tolerance rule of helpers.py: out, LSE (rows that see no key: -inf and zeros), every grad."""
+    scale = q.shape[-1] ** -0.5
+    out, lse = ca.forward(q, k, v, pk, pv, kpm, causal, scale)
+    leaves64 = [t.double().requires_grad_() for t in (q, k, v, pk, pv)]
+    out64, lse64 = attention_torch(*leaves64, kpm, causal, scale)
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v, pk, pv)]
+    outb, _ = attention_torch(*leaves, kpm, causal, scale)
+    assert_close_to_reference(out, out64.detach(), outb.detach(), "out")
+    lse64 = lse64.detach()
+    dead = torch.isinf(lse64)  # rows that see no key
+    assert torch.equal(torch.isinf(lse), dead) and bool((lse[dead] < 0).all())
+    assert bool((out[dead.unsqueeze(-1).expand_as(out)] == 0).all())
+    if (~dead).any():
+        torch.testing.assert_close(lse[~dead].double(), lse64[~dead], rtol=0, atol=lse_atol)
+
+    dout = torch.randn_like(out)
+    grads = ca.backward(dout, q, k, v, pk, pv, kpm, out, lse, causal, scale)
+    out64.backward(dout.double())
+    outb.backward(dout)
+    for name, g, ref, base in zip(("dq", "dk", "dv", "dprefix_k", "dprefix_v"), grads, leaves64,
+                                  leaves):
+        assert g.shape == base.shape and g.dtype == base.dtype, name
+        assert_close_to_reference(g, ref.grad, base.grad, name)
+    return out, lse
 
 
 def lora_torch(x, w, b, a, bb, scaling, mask, p):

@@ -6,9 +6,21 @@ from __future__ import annotations
 import torch
 from helpers import assert_close_to_reference
 
+from lora_kernels import prefix_attention
 from lora_kernels.reference.prefix_attention import oracle
 
 NAMES = ("q", "k", "v", "prefix_k", "prefix_v")
+
+
+def run_op(inputs, dout, **kwargs):
+    """The public op's forward and backward on fresh leaves: (out, {name: grad or None})."""
+    tensors = {n: (None if inputs[n] is None else inputs[n].clone().requires_grad_())
+               for n in NAMES}
+    out = prefix_attention(tensors["q"], tensors["k"], tensors["v"], tensors["prefix_k"],
+                           tensors["prefix_v"], key_padding_mask=inputs["key_padding_mask"],
+                           **kwargs)
+    out.backward(dout.to(out.dtype))
+    return out.detach(), {n: (None if t is None else t.grad) for n, t in tensors.items()}
 
 
 def make_inputs(B, Hq, Hkv, Lq, Lk, P, D, dtype, *, per_row=False, pad=False, shared_3d=False):

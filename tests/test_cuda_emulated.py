@@ -19,7 +19,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from cuda_reference import attention_inputs, attention_torch, dropout_keep_mask, lora_torch
+from cuda_reference import (
+    attention_inputs,
+    check_attention_forward_backward,
+    dropout_keep_mask,
+    lora_torch,
+)
 from helpers import assert_close_to_reference
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -260,24 +265,4 @@ def test_attention_backend_emulated(use_emulator, case):
     use_emulator(**options)
     q, k, v, pk, pv, kpm = attention_inputs(B, Hq, Hkv, Lq, Lk, P, D, 1 if shared else B, dtype,
                                             padded)
-    scale = D ** -0.5
-    out, lse = ca.forward(q, k, v, pk, pv, kpm, causal, scale)
-    leaves64 = [t.double().requires_grad_() for t in (q, k, v, pk, pv)]
-    out64, lse64 = attention_torch(*leaves64, kpm, causal, scale)
-    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v, pk, pv)]
-    outb, _ = attention_torch(*leaves, kpm, causal, scale)
-    assert_close_to_reference(out, out64.detach(), outb.detach(), "out")
-    dead = torch.isinf(lse64.detach())
-    assert torch.equal(torch.isinf(lse), dead) and bool((lse[dead] < 0).all())
-    assert bool((out[dead.unsqueeze(-1).expand_as(out)] == 0).all())
-    if (~dead).any():
-        torch.testing.assert_close(lse[~dead].double(), lse64.detach()[~dead], rtol=0, atol=1e-4)
-
-    dout = torch.randn_like(out)
-    grads = ca.backward(dout, q, k, v, pk, pv, kpm, out, lse, causal, scale)
-    out64.backward(dout.double())
-    outb.backward(dout)
-    for name, g, ref, base in zip(("dq", "dk", "dv", "dprefix_k", "dprefix_v"), grads, leaves64,
-                                  leaves):
-        assert g.shape == base.shape and g.dtype == base.dtype, name
-        assert_close_to_reference(g, ref.grad, base.grad, name)
+    check_attention_forward_backward(ca, q, k, v, pk, pv, kpm, causal, lse_atol=1e-4)

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from prefix_attention_cases import NAMES, check_against_oracle, make_inputs
+from prefix_attention_cases import NAMES, check_against_oracle, make_inputs, run_op
 
 import lora_kernels
 from lora_kernels import backends, prefix_attention
@@ -17,16 +17,6 @@ op_module = sys.modules["lora_kernels.ops.prefix_attention"]
 HAS_TRITON = not backends.triton_available_reasons(torch.device("cpu"))
 BACKENDS = ["torch", pytest.param("triton", marks=pytest.mark.skipif(
     not HAS_TRITON, reason="Triton cannot run on the CPU here"))]
-
-
-def run_op(inputs, dout, **kwargs):
-    tensors = {n: (None if inputs[n] is None else inputs[n].clone().requires_grad_())
-               for n in NAMES}
-    out = prefix_attention(tensors["q"], tensors["k"], tensors["v"], tensors["prefix_k"],
-                           tensors["prefix_v"], key_padding_mask=inputs["key_padding_mask"],
-                           **kwargs)
-    out.backward(dout.to(out.dtype))
-    return out.detach(), {n: (None if t is None else t.grad) for n, t in tensors.items()}
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

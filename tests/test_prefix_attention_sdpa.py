@@ -14,7 +14,7 @@ import sys
 
 import pytest
 import torch
-from prefix_attention_cases import NAMES, check_against_oracle, make_inputs
+from prefix_attention_cases import NAMES, check_against_oracle, make_inputs, run_op
 
 from lora_kernels import prefix_attention
 from lora_kernels.reference import prefix_attention as R
@@ -39,16 +39,6 @@ CASES = {
 @pytest.fixture
 def sdpa_on_cpu(monkeypatch):
     monkeypatch.setattr(S, "SDPA_ON_CPU", True)
-
-
-def run_op(inputs, dout, **kwargs):
-    tensors = {n: (None if inputs[n] is None else inputs[n].clone().requires_grad_())
-               for n in NAMES}
-    out = prefix_attention(tensors["q"], tensors["k"], tensors["v"], tensors["prefix_k"],
-                           tensors["prefix_v"], key_padding_mask=inputs["key_padding_mask"],
-                           **kwargs)
-    out.backward(dout.to(out.dtype))
-    return out.detach(), {n: (None if t is None else t.grad) for n, t in tensors.items()}
 
 
 def case_inputs(case, dtype, device="cpu"):
