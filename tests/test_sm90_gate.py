@@ -1,6 +1,6 @@
 """CI gate from the static sm_90 profile (``benchmarks/sm90_profile.py``): every Triton kernel in
-every autotune config the autotuner may pick (at the benchmark shapes of the gated cases of
-``benchmarks/sm90/cases.py``), and every CUDA kernel of ``csrc/`` (when nvcc exists), compiled
+every autotune config the autotuner may pick (for each case of ``benchmarks/sm90/cases.py``:
+the benchmark shapes and their dtype, rank, dropout, padding, prefix and head-dim variants), and every CUDA kernel of ``csrc/`` (when nvcc exists), compiled
 for sm_90 without a GPU, must have
 
 - ``no_spills``:          0 bytes of register spills (ptxas),
@@ -30,8 +30,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PROFILE = ROOT / "benchmarks" / "sm90_profile.py"
-# the gate=True cases of benchmarks/sm90/cases.py (together they launch every Triton kernel)
-TRITON_CASES = ("lora", "attn", "attn-decode", "attn-long")
+# the gate=True cases of benchmarks/sm90/cases.py: every case (the benchmark shapes, and the
+# dtypes, ranks, dropout, padding, per-row prefixes and head dims the autotuner tunes apart)
+TRITON_CASES = ("lora", "attn", "attn-decode", "attn-long", "lora-fp16", "lora-fp32", "lora-bf16A",
+                "lora-r64", "lora-p0", "attn-pad", "attn-rowprefix", "attn-d64", "attn-d256")
 TRITON_CHECKS = ("no_spills", "no_global_atomics", "tensor_core_dots")
 CUDA_CHECKS = ("no_spills", "no_global_atomics")
 ALL = "*"

@@ -8,9 +8,9 @@ that shape. When a kernel or launcher changes, nothing here needs to change unle
 signature does; a new kernel needs a case only if no existing case launches it (the profile
 fails, naming it, when a kernel of ``lora_kernels/triton/`` is launched by no gated case).
 
-``gate=True`` cases are the ones ``tests/test_sm90_gate.py`` enforces (the benchmark shapes;
-together they launch every kernel); the others are profiled for the record only (off the CI
-budget). Meta tensors are on no GPU: the launchers that size grids by the SM count are told 132
+``gate=True`` cases are the ones ``tests/test_sm90_gate.py`` enforces: today every case (the
+benchmark shapes, which together launch every kernel, and their variants); a case with
+``gate=False`` would be profiled for the record only (off the CI budget). Meta tensors are on no GPU: the launchers that size grids by the SM count are told 132
 (an H200) while a case runs.
 """
 
@@ -146,23 +146,23 @@ PROFILE_CASES: list[Case] = [
          doc="prefix attention backward, bf16, B1 Hq32 Hkv8 L4096 P32 D128, causal: dS in "
              "slices of query rows within DS_WORKSPACE_BYTES (dK/dV carried over in fp32), and "
              "with no workspace (dK/dV store no dS, dQ recomputes)"),
-    Case("lora-fp16", _lora(base=torch.float16), gate=False,
+    Case("lora-fp16", _lora(base=torch.float16), gate=True,
          doc="as lora (backward with dX), fp16 x/W, fp32 adapters: x and dY split in pieces"),
-    Case("lora-fp32", _lora(base=torch.float32, backwards=(TRAIN, NO_DX)), gate=False,
+    Case("lora-fp32", _lora(base=torch.float32, backwards=(TRAIN, NO_DX)), gate=True,
          doc="as lora, fp32 x/W, fp32 adapters: the GEMMs' LoRA prologue only (cuBLAS adds "
              "x W^T), dA in its own pass"),
-    Case("lora-bf16A", _lora(adapters=torch.bfloat16), gate=False,
+    Case("lora-bf16A", _lora(adapters=torch.bfloat16), gate=True,
          doc="as lora (backward with dX), adapters in bf16 (PEFT with autocast_adapter_dtype=False)"),
-    Case("lora-r64", _lora(R=64), gate=False,
+    Case("lora-r64", _lora(R=64), gate=True,
          doc="as lora (backward with dX), r=64: 64-rank chunks, dA above the fused limit "
              "(r > 32) in its own pass"),
-    Case("lora-p0", _lora(p=0.0, backwards=(TRAIN, NO_DX)), gate=False,
+    Case("lora-p0", _lora(p=0.0, backwards=(TRAIN, NO_DX)), gate=True,
          doc="as lora, no dropout (no mask words, no keep in the GEMM prologue or dA)"),
-    Case("attn-pad", _attention(padding=True), gate=False,
+    Case("attn-pad", _attention(padding=True), gate=True,
          doc="as attn, with a key padding mask"),
-    Case("attn-rowprefix", _attention(per_row_prefix=True), gate=False,
+    Case("attn-rowprefix", _attention(per_row_prefix=True), gate=True,
          doc="as attn, a prefix per batch row (B, Hkv, P, D) instead of a shared one"),
-    Case("attn-d64", _attention(D=64), gate=False, doc="as attn, D=64"),
-    Case("attn-d256", _attention(D=256), gate=False,
+    Case("attn-d64", _attention(D=64), gate=True, doc="as attn, D=64"),
+    Case("attn-d256", _attention(D=256), gate=True,
          doc="as attn, D=256 (dK/dV by head-dim halves)"),
 ]
