@@ -55,7 +55,8 @@ _loaded: dict[str, ModuleType] = {}
 _logged_fallbacks: set[tuple[str, str, str]] = set()
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` -> ``"bfloat16"`` (for reasons and messages)."""
     return str(dtype).replace("torch.", "")
 
 
@@ -84,8 +85,8 @@ class Capabilities:
                 out.append(f"{name} is on {t.device.type}; this backend needs "
                            f"{' or '.join(self.devices)} tensors")
             if self.dtypes is not None and t.dtype not in self.dtypes:
-                allowed = ", ".join(_dtype_name(d) for d in self.dtypes)
-                out.append(f"{name} dtype {_dtype_name(t.dtype)} is not supported ({allowed})")
+                allowed = ", ".join(dtype_name(d) for d in self.dtypes)
+                out.append(f"{name} dtype {dtype_name(t.dtype)} is not supported ({allowed})")
         if head_dim is not None and self.head_dims is not None and head_dim not in self.head_dims:
             out.append(f"head dim {head_dim} is not supported "
                        f"({', '.join(map(str, self.head_dims))})")

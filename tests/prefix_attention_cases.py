@@ -23,6 +23,19 @@ def run_op(inputs, dout, **kwargs):
     return out.detach(), {n: (None if t is None else t.grad) for n, t in tensors.items()}
 
 
+def check_compiled_matches_eager(inputs, dout, **kwargs):
+    """torch.compile(fullgraph=True, aot_eager) of the op, forward and backward, equals eager."""
+    eager_out, eager_grads = run_op(inputs, dout, **kwargs)
+    fn = torch.compile(lambda q, k, v, pk, pv, m: prefix_attention(
+        q, k, v, pk, pv, key_padding_mask=m, **kwargs) * 2.0, fullgraph=True, backend="aot_eager")
+    t = {n: inputs[n].clone().requires_grad_() for n in NAMES}
+    out = fn(t["q"], t["k"], t["v"], t["prefix_k"], t["prefix_v"], inputs["key_padding_mask"])
+    (out / 2.0).backward(dout)
+    torch.testing.assert_close(out / 2.0, eager_out)
+    for n in NAMES:
+        torch.testing.assert_close(t[n].grad, eager_grads[n])
+
+
 def make_inputs(B, Hq, Hkv, Lq, Lk, P, D, dtype, *, per_row=False, pad=False, shared_3d=False):
     """Random inputs; with ``pad`` row 0 of the key padding mask is fully padded and the
     others keep about 70 % of the keys (at least one)."""

@@ -14,7 +14,13 @@ import sys
 
 import pytest
 import torch
-from prefix_attention_cases import NAMES, check_against_oracle, make_inputs, run_op
+from prefix_attention_cases import (
+    NAMES,
+    check_against_oracle,
+    check_compiled_matches_eager,
+    make_inputs,
+    run_op,
+)
 
 from lora_kernels import prefix_attention
 from lora_kernels.reference import prefix_attention as R
@@ -149,15 +155,7 @@ def test_compile_fullgraph(sdpa_on_cpu, pad):
     torch._dynamo.reset()
     inputs = make_inputs(2, 4, 2, 9, 11, 5, 16, torch.float32, pad=pad)
     dout = torch.randn(2, 4, 9, 16)
-    eager_out, eager_grads = run_op(inputs, dout)
-    fn = torch.compile(lambda q, k, v, pk, pv, m: prefix_attention(
-        q, k, v, pk, pv, key_padding_mask=m) * 2.0, fullgraph=True, backend="aot_eager")
-    t = {n: inputs[n].clone().requires_grad_() for n in NAMES}
-    out = fn(t["q"], t["k"], t["v"], t["prefix_k"], t["prefix_v"], inputs["key_padding_mask"])
-    (out / 2.0).backward(dout)
-    torch.testing.assert_close(out / 2.0, eager_out)
-    for n in NAMES:
-        torch.testing.assert_close(t[n].grad, eager_grads[n])
+    check_compiled_matches_eager(inputs, dout)
 
 
 # ---- on a GPU --------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from ..backends import dtype_name  # noqa: F401  (re-exported for the backend modules)
 from . import extension
 
 _fakes_registered = False
@@ -25,11 +26,6 @@ def capability_reasons(device: torch.device) -> list[str]:
     if major < 8:
         return [f"the CUDA kernels need compute capability 8.0 or newer, got {major}.{minor}"]
     return []
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    """``torch.bfloat16`` -> ``"bfloat16"`` (for reasons and messages)."""
-    return str(dtype).replace("torch.", "")
 
 
 def ops():

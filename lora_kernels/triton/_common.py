@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+
+import torch
+
 from ..backends import interpreter_enabled
 
 # Triton's CPU interpreter multiplies the raw bits of bf16 operands in tl.dot (seen with
@@ -11,11 +15,6 @@ INTERPRETER: bool = interpreter_enabled()
 
 
 # ----------------------------------------------------------------------------- launch hygiene
-# (appended for the LoRA kernels; any launcher may use them)
-
-import contextlib  # noqa: E402
-
-import torch  # noqa: E402
 
 # Largest grid size on axes 1 and 2 of a CUDA launch (axis 0 allows 2**31 - 1): launchers put
 # every product of block counts on axis 0.
@@ -30,10 +29,12 @@ def device_guard(t: torch.Tensor):
     return contextlib.nullcontext()
 
 
-def pow2_bucket(n: int, cap: int = 1 << 16) -> int:
+def pow2_bucket(n: int, cap: int | None = 1 << 16) -> int:
     """Autotune key of a length that varies from call to call (tokens, sequence lengths): its
-    next power of two, capped, so a new length re-tunes only when it crosses a bucket."""
-    return min(1 << max(int(n) - 1, 0).bit_length(), cap)
+    next power of two (at least 1), capped unless ``cap`` is None, so a new length re-tunes
+    only when it crosses a bucket."""
+    b = 1 << max(int(n) - 1, 0).bit_length()
+    return b if cap is None else min(b, cap)
 
 
 _SM_COUNTS: dict[int, int] = {}

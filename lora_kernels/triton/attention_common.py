@@ -8,7 +8,6 @@ Design notes for the kernels live in docs/ARCHITECTURE.md and benchmarks/README.
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 
@@ -16,7 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import INTERPRETER
+# device_guard is re-exported: the launchers call common.device_guard
+from ._common import INTERPRETER, device_guard, pow2_bucket  # noqa: F401
 
 # exp(x) = exp2(x * LOG2E); the kernels keep scores in base 2 and report natural-log LSEs.
 LOG2E = tl.constexpr(math.log2(math.e))
@@ -83,7 +83,6 @@ _UNPADDED_ONLY = {
 # program takes half of the head dim (S and dP still over all of it), or the accumulators
 # alone would fill the registers
 MAX_GRAD_TILE_D = 128
-BLOCK_DS = (16, 32, 64, 128, 256)
 _INTERPRETER_TILES = {"fwd": {"BLOCK_M": 16, "BLOCK_N": 16}, "decode": {"BLOCK_N": 16},
                       "bwd_kv": {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_MP": 16,
                                  "PREFIX_STAGES": 1},
@@ -110,8 +109,8 @@ def _signature(c: triton.Config) -> tuple:
 
 def autotune(kernel: str, key: list[str], restore: list[str] | None = None):
     """triton.autotune over ``configs_for(kernel)``, pruned to the rows that serve the launch's
-    BLOCK_D and HAS_PAD; LORA_KERNELS_AUTOTUNE=0 keeps only the first (quick GPU tests). ``restore``: the
-    arguments a launch may update in place, restored after each timed run."""
+    BLOCK_D and HAS_PAD; LORA_KERNELS_AUTOTUNE=0 keeps only the first (quick GPU tests).
+    ``restore``: the arguments a launch may update in place, restored after each timed run."""
 
     def prune(configs, named_args, **kwargs):
         block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
@@ -139,8 +138,9 @@ def max_tile(kernel: str, name: str) -> int:
 
 
 def bucket(n: int) -> int:
-    """Autotune key of a length: the next power of two (a new length does not re-tune)."""
-    return triton.next_power_of_2(max(1, int(n)))
+    """Autotune key of a length: the next power of two, uncapped (a new length does not
+    re-tune)."""
+    return pow2_bucket(n, cap=None)
 
 
 def block_d(D: int) -> int:
@@ -160,15 +160,6 @@ def dot_fp32(dtype: torch.dtype) -> bool:
 
 # ----------------------------------------------------------------------------------------------
 # launching
-
-
-def device_guard(t: torch.Tensor):
-    """Launch on ``t``'s GPU: Triton launches on the current device, which need not be the
-    tensors' one (models spread over GPUs)."""
-    device = t.device
-    if device.type == "cuda":
-        return torch.cuda.device(device)
-    return contextlib.nullcontext()
 
 
 def launch(kernel, grid, *args, **kwargs) -> None:

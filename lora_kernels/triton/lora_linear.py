@@ -40,7 +40,6 @@ import torch
 import triton
 
 from ..backends import Capabilities
-from . import lora_backward, lora_forward, lora_gemm
 from ._common import INTERPRETER, device_guard, num_sms, pow2_bucket
 from .lora_backward import COL_QUANTUM, ROW_QUANTUM, _da, _ds_db
 from .lora_dots import dot_plan
@@ -56,19 +55,9 @@ SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 TRITON_BASE_DTYPES = (torch.float16, torch.bfloat16)
 # Largest rank whose dA is computed inside the dX GEMM (see _backward).
 FUSE_DA_MAX_RANK = 32
-# Every kernel of this backend by name (the sm_90 profile enumerates these and _configs).
+# Every kernel of this backend by name.
 KERNELS = {"shrink": _shrink, "fwd": fwd_gemm, "ds_db": _ds_db, "dx": dx_gemm, "da": _da}
 _F32 = torch.float32
-
-
-_TABLES = {"shrink": lora_forward.CONFIGS, "fwd": lora_gemm.CONFIGS, "dx": lora_gemm.CONFIGS,
-           "ds_db": lora_backward.DS_DB_CONFIGS, "da": lora_backward.DA_CONFIGS}
-
-
-def _configs(kernel: str, **launch) -> list[triton.Config]:
-    """The autotune configurations of a kernel of :data:`KERNELS`: all of them, or the ones a
-    launch with these constexprs may pick (each compiles for sm_90 without spills)."""
-    return _TABLES[kernel].of(**launch) if launch else _TABLES[kernel].all()
 
 
 def _block_r(r: int, pieces: int) -> int:

@@ -27,7 +27,7 @@ the CPU tests check the kernels' logic exactly with it).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import triton
@@ -64,17 +64,14 @@ def _check_dtype(q: torch.Tensor) -> None:
                          "got float32; the torch backend (SDPA) serves fp32 attention")
 
 
-def _interpreter_takes_fp32(reason: str) -> bool:
-    return INTERPRETER and reason.startswith("q dtype float32 ")
-
-
 def not_supported_reasons(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, dropout_p,
                           training) -> list[str]:
     """Why these kernels cannot serve the inputs (empty: they can); fp32 only in Triton's
     interpreter."""
-    reasons = CAPABILITIES.reasons({"q": q}, head_dim=q.shape[-1],
-                                   dropout=dropout_p > 0 and training)
-    return [r for r in reasons if not _interpreter_takes_fp32(r)]
+    caps = CAPABILITIES
+    if INTERPRETER:  # it computes every dot in fp32 anyway
+        caps = replace(caps, dtypes=caps.dtypes + (torch.float32,))
+    return caps.reasons({"q": q}, head_dim=q.shape[-1], dropout=dropout_p > 0 and training)
 
 
 def forward(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale):
@@ -147,7 +144,7 @@ def plan_ds(B: int, Hkv: int, G: int, Lq: int, Lk: int, P: int, causal: bool,
     more groups per launch. Group counts and row counts are balanced."""
     budget = DS_WORKSPACE_BYTES if budget is None else budget
     budget = min(budget, 2**31 - 1)  # the kernels address the workspace with int32 offsets
-    head_bytes = G * torch.empty((), dtype=dtype).element_size()
+    head_bytes = G * dtype.itemsize
     seq_col = triton.cdiv(P, 16) * 16
     block_n = common.max_tile("bwd_kv", "BLOCK_N")
     groups = B * Hkv
@@ -268,7 +265,7 @@ def backward(dout, q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse, caus
                 CAUSAL=bool(causal), HAS_PAD=padding.present, BLOCK_P=prefix.block, **flags,
             )
     if rows_sliced:  # the last row slice left unscaled fp32 sums too (a store of bf16 spilled)
-        dk.copy_((dk_acc * scale).view(k.shape))
+        dk.copy_(dk_acc.mul_(scale).view(k.shape))
         dv.copy_(dv_acc.view(v.shape))
     if partial:
         reduce = (lambda x: x.sum(0, keepdim=True)) if prefix.shared else (lambda x: x)
